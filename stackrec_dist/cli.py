@@ -1,0 +1,214 @@
+"""``stackrec`` command line: parse, build, run, close. Each subcommand is a short function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from stackrec_dist.config import ConfigError, JobConfig, dump_config, load_config
+from stackrec_dist.data.errors import DataError
+
+log = logging.getLogger("stackrec")
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="job YAML in configs/ (default: embedded defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=c",
+                        help="override a config field (repeatable), value parsed as YAML")
+
+
+def _load(args: argparse.Namespace) -> JobConfig:
+    return load_config(args.config, args.overrides)
+
+
+def print_metrics_table(title: str, rows: dict[str, dict[str, float]], ks: Sequence[int] = (5, 10, 20)) -> None:
+    """rows: {row name: {"mrr@5": ..., ...}} -> a rich table on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("model")
+    columns = [f"{m}@{k}" for k in ks for m in ("mrr", "hr", "ndcg")]
+    for col in columns:
+        table.add_column(col.upper(), justify="right")
+    for name, metrics in rows.items():
+        table.add_row(name, *(f"{metrics[c]:.4f}" if c in metrics else "-" for c in columns))
+    Console().print(table)
+
+
+def emit_result(result: dict[str, Any]) -> None:
+    """The last stdout line of a command is one JSON object, for scripts and ``ray job logs``."""
+    print("STACKREC_RESULT " + json.dumps(result, sort_keys=True, default=float), flush=True)
+
+
+# -- subcommands ---------------------------------------------------------------------------------
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(dump_config(_load(args)), end="")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from stackrec_dist.data.prepare import prepare_dataset
+
+    cfg = _load(args)
+    report = prepare_dataset(cfg.prepare, storage_options=cfg.data.storage_options)
+    print(report)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if args.address:
+        cfg.distributed.address = args.address
+    if cfg.plan:
+        from stackrec_dist.scenarios import run_plan
+
+        result = run_plan(cfg)
+    elif cfg.distributed.num_workers > 0:
+        from stackrec_dist.train.ray_job import run_distributed
+
+        result = run_distributed(cfg)
+    else:
+        result = _train_single(cfg, resume=args.resume)
+    emit_result(result)
+    return 0
+
+
+def _train_single(cfg: JobConfig, resume: bool = False) -> dict[str, Any]:
+    from stackrec_dist.train.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    last = Path(cfg.train.checkpoint_dir) / "last"
+    if resume and (last / "COMPLETE").exists():
+        trainer.load(last)
+    summary = trainer.fit()
+    test = trainer.validate("test")
+    print_metrics_table(f"{cfg.name}: test ({cfg.model.num_blocks} blocks)", {f"{cfg.model.backbone}-{trainer.model.cfg.num_blocks}": test}, cfg.eval.ks)
+    return {**summary, **{f"test/{k}": v for k, v in test.items()}}
+
+
+def cmd_grow(args: argparse.Namespace) -> int:
+    from stackrec_dist.growth.grow import grow_model
+    from stackrec_dist.train.checkpoint import model_config_to_state, save_checkpoint
+    from stackrec_dist.train.checkpoint import load_model
+
+    cfg = _load(args)
+    model = load_model(args.checkpoint)
+    grown = grow_model(model, cfg.growth, seed=cfg.train.seed)
+    save_checkpoint(args.output, {
+        "model": grown.state_dict(),
+        "train_state": {"step": 0, "model_config": model_config_to_state(grown.cfg),
+                        "parent": str(args.checkpoint)},
+    })
+    emit_result({"blocks": grown.cfg.num_blocks, "parent_blocks": model.cfg.num_blocks, "output": str(args.output)})
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from stackrec_dist.data.stream import iter_eval_batches
+    from stackrec_dist.eval.evaluate import evaluate
+    from stackrec_dist.train.checkpoint import load_model
+    from stackrec_dist.train.trainer import resolve_device
+
+    cfg = _load(args)
+    device = resolve_device(cfg.train.device)
+    model = load_model(args.checkpoint).to(device)
+    batches = iter_eval_batches(cfg.data, args.split, cfg.eval.batch_size)
+    metrics = evaluate(model, batches, cfg.eval.ks, device, max_batches=cfg.eval.max_batches)
+    print_metrics_table(f"{args.split}: {args.checkpoint}", {f"{model.cfg.backbone}-{model.cfg.num_blocks}": metrics}, cfg.eval.ks)
+    emit_result({f"{args.split}/{k}": v for k, v in metrics.items()})
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from stackrec_dist.quickstart import run_quickstart
+
+    return run_quickstart(_load(args))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from stackrec_dist.scenarios.report import main as report_main
+
+    return report_main(args)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from stackrec_dist import launch_submit
+
+    return launch_submit.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stackrec", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="print the resolved config")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("prepare", help="raw interactions -> sharded sequence Parquet + manifest")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model (single process, Ray+DeepSpeed, or a growth plan)")
+    _add_config_args(p)
+    p.add_argument("--address", default="", help="Ray cluster address (default: RAY_ADDRESS or embedded local Ray)")
+    p.add_argument("--resume", action="store_true", help="continue from <train.checkpoint_dir>/last")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("grow", help="stack a checkpoint's k blocks into 2k")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory to grow")
+    p.add_argument("--output", required=True, help="where the grown checkpoint goes")
+    p.set_defaults(func=cmd_grow)
+
+    p = sub.add_parser("evaluate", help="full-ranking MRR/HR/NDCG@N of a checkpoint")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", default="test")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("quickstart", help="prepare MovieLens-100K, train, grow, evaluate: the README's first command")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("report", help="markdown table + plots from scenario runs")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--output", default="docs/results/report", help="output prefix (.md and .png are added)")
+    p.add_argument("--baseline", default="", help="run directory name of the from-scratch baseline")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("submit", help="submit a job to a Ray cluster (ray job submit)")
+    try:
+        from stackrec_dist import launch_submit
+
+        launch_submit.add_arguments(p)
+    except ImportError:  # pragma: no cover - launch module is optional at import time
+        pass
+    p.set_defaults(func=cmd_submit)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"stackrec: config error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:
+        print(f"stackrec: data error: {err}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

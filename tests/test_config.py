@@ -1,0 +1,76 @@
+from pathlib import Path
+
+import pytest
+
+from stackrec_dist.config import ConfigError, JobConfig, dump_config, load_config, parse_override
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def test_defaults_validate():
+    cfg = load_config(None)
+    assert isinstance(cfg, JobConfig)
+    assert cfg.model.dilations == [1, 4]
+    assert cfg.model.alpha_init == 0.0
+
+
+def test_overrides_are_parsed_as_yaml():
+    cfg = load_config(None, ["model.dim=32", "model.dilations=[1, 2, 4]", "optim.lr=3e-4", "train.progress=false"])
+    assert cfg.model.dim == 32 and cfg.model.dilations == [1, 2, 4]
+    assert cfg.optim.lr == pytest.approx(3e-4) and cfg.train.progress is False
+
+
+def test_yaml_file_and_roundtrip(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("name: t\nmodel:\n  num_blocks: 8\nplan:\n  - {name: a, action: train}\n  - {name: b, action: grow}\n")
+    cfg = load_config(path)
+    assert cfg.model.num_blocks == 8 and [s.action for s in cfg.plan] == ["train", "grow"]
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_config(cfg))
+    assert load_config(again) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.dim=-1", "model.dim must be > 0"),
+        ("model.dim=abc", "model.dim must be an integer"),
+        ("model.backbone=rnn", "model.backbone must be one of"),
+        ("optim.betas=[0.9]", "optim.betas must be two numbers"),
+        ("model.colour=3", "unknown field model.colour"),
+        ("distributed.zero_stage=4", "distributed.zero_stage must be 0, 1, 2 or 3"),
+        ("model.block_dilations=[1, 2]", "model.block_dilations must be empty or 4"),
+        ("train.progress=3", "train.progress must be true or false"),
+        ("novel=1", "unknown field novel"),
+    ],
+)
+def test_errors_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_error_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  lr: -1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: optim.lr must be > 0"):
+        load_config(path)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_override_syntax():
+    assert parse_override("a.b=[1,2]") == ("a.b", [1, 2])
+    with pytest.raises(ConfigError, match="must look like"):
+        parse_override("model.dim")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load(path):
+    load_config(path)
