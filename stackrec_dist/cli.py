@@ -37,7 +37,8 @@ def print_metrics_table(title: str, rows: dict[str, dict[str, float]], ks: Seque
         table.add_column(col.upper(), justify="right")
     for name, metrics in rows.items():
         table.add_row(name, *(f"{metrics[c]:.4f}" if c in metrics else "-" for c in columns))
-    Console().print(table)
+    # Wide enough for all columns when stdout is a pipe or a log (no terminal width to read).
+    Console(width=max(160, Console().width)).print(table)
 
 
 def emit_result(result: dict[str, Any]) -> None:

@@ -148,6 +148,7 @@ class DataConfig:
         default="runs/data/ml-100k",
     )
     max_len: int = _doc("Training window length L (inputs and targets).", default=50)
+    train_split: str = _doc("Split to train on: train, or a CL time slice (slice-1, slice-2, ...).", default="train")
     batch_size: int = _doc("Sequences per optimizer step, over all workers.", default=256)
     shuffle_buffer: int = _doc("Bounded shuffle buffer (sequences) of the streaming reader.", default=4096)
     num_workers: int = _doc("DataLoader worker processes per rank.", default=0)
@@ -295,6 +296,7 @@ class StageConfig:
     name: str = _doc("Stage name, unique within the plan.", default="")
     action: Literal["train", "grow", "new_head"] = _doc("What the stage does.", default="train")
     data_path: str = _doc("Dataset for a train stage ('' = data.path).", default="")
+    train_split: str = _doc("Split a train stage trains on ('' = data.train_split), e.g. slice-1.", default="")
     max_steps: int = _doc("Steps of a train stage (0 = train.max_steps / epochs).", default=0)
     epochs: float = _doc("Epochs of a train stage when max_steps = 0 (0 = train.epochs).", default=0.0)
 

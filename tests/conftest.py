@@ -9,4 +9,5 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.ray_cluster",
+    "tests.fixtures.datasets",
 ]

@@ -264,7 +264,8 @@ def _write_model_checkpoint(output: Path, state: dict[str, torch.Tensor], cfg, i
 
 def stage_job_config(cfg: JobConfig, stage: StageConfig, blocks: int, num_items: int, stage_dir: Path) -> JobConfig:
     """The job config of one train stage: its data, budget, depth and checkpoint directory."""
-    data = dataclasses.replace(cfg.data, path=stage.data_path or cfg.data.path)
+    data = dataclasses.replace(cfg.data, path=stage.data_path or cfg.data.path,
+                               train_split=stage.train_split or cfg.data.train_split)
     train = dataclasses.replace(
         cfg.train,
         checkpoint_dir=str(stage_dir),

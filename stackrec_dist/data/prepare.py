@@ -1,0 +1,636 @@
+"""Raw interaction logs -> a prepared sequence-Parquet dataset (docs/architecture.md).
+
+Deterministic and bounded in memory:
+
+* Pass 1 streams the raw batches, gives every user and item a provisional id (first-seen order),
+  counts interactions per user and spills ``(user, item, timestamp)`` rows to local Arrow IPC
+  bucket files by a fixed 64-bit hash of the user's original id (bucket = top bits of the hash).
+* Final ids: kept users (>= min_sequence_length interactions) get dense ids 0..U-1 and the items
+  they touch dense ids 1..V-1, both in sorted original-id order (numeric when every id is an
+  integer, else by string); 0 is the pad item.
+* Pass 2 loads consecutive buckets up to the memory budget at a time, sorts rows by
+  (user hash, user id, timestamp) with a stable sort (ties keep input order), builds sequences,
+  splits them and appends them to the shard writers.
+
+Rows are written in (user hash, user id) order and shard ``j`` holds the users whose hash falls in
+the j-th of ``num_shards`` equal hash ranges. Both orders are monotone in the hash, so the output
+is the same whatever the number of buckets or partitions (i.e. whatever ``memory_limit_mb``), and
+users come out in a random-looking, seed-independent order, which spreads them across shards.
+
+Only the id vocabularies (one Python string per distinct user and item) are held for the whole
+run; the bound ``memory_limit_mb`` covers the interactions.
+
+Time slices (CL, ``time_slices = T > 0``): with N the number of interactions of kept users, the
+boundary b_k (k = 1..T-1) is the ceil(k*N/T)-th smallest of their timestamps (exact, found by
+histogram refinement over the spill files) and b_T = +inf. Split ``slice-k`` holds, for every
+training row, its interactions with timestamp <= b_k (rows left empty are omitted), so
+``slice-T`` equals ``train`` and no valid/test target leaks into any slice. ``valid``/``test`` stay
+those of the full data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import posixpath
+import re
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config import PrepareConfig
+from .errors import DataError
+from .manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, write_manifest
+from .storage import display_path, open_fs
+from .raw import BadRows, RawBatch, RawColumns, bad_rows_table, QUARANTINE_SCHEMA, estimate_rows, iter_raw, list_raw_files, raw_input_bytes
+from .writer import SplitWriter, sequence_table
+
+# Peak bytes per interaction held in pass 2 (loaded columns, sort keys and permutation, the split
+# copies and their Arrow conversion); measured ~110 on synthetic logs, rounded up.
+BYTES_PER_ROW = 160
+MAX_BUCKETS = 1024
+_SPILL_SCHEMA = pa.schema([("u", pa.int32()), ("i", pa.int32()), ("t", pa.int64())])
+_INT_ID = re.compile(r"-?[0-9]+")
+_HIST_BINS = 1 << 16
+
+
+@dataclass
+class PrepareReport:
+    output: str
+    source: str
+    protocol: str
+    num_users: int
+    num_items: int  # vocabulary incl. pad
+    rows_read: int
+    rows_bad: int
+    quarantine_path: str | None
+    users_dropped: int
+    interactions_dropped: int
+    interactions_kept: int
+    splits: dict[str, int]
+    time_slice_boundaries: list[int]
+    input_bytes: int
+    spill_buckets: int
+    partitions: int
+    wall_s: float
+    peak_rss_mb: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return main_summary(self)
+
+
+def resolve_source(cfg: PrepareConfig, cache_dir: str | None = None) -> tuple[str, bool]:
+    """(URI of the raw log, whether it is a local file made here). Named sources are fetched."""
+    if cfg.source == "movielens-1m":
+        from .movielens import fetch_movielens
+
+        return str(fetch_movielens("1m", cache_dir)), True
+    if cfg.source == "movielens-100k":
+        from .movielens import fetch_movielens
+
+        return str(fetch_movielens("100k", cache_dir)), True
+    if cfg.source == "synthetic":
+        from .synthetic import synthetic_log_path
+
+        return str(synthetic_log_path(cfg.synthetic_users, cfg.synthetic_items, cfg.seed, cache_dir)), True
+    return cfg.source, False
+
+
+def prepare_dataset(
+    cfg: PrepareConfig,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    columns: RawColumns | None = None,
+    quarantine: bool | None = None,
+    spill_dir: str | None = None,
+    num_buckets: int | None = None,
+    cache_dir: str | None = None,
+) -> PrepareReport:
+    """Turn ``cfg.source`` into the dataset at ``cfg.output`` and return what happened.
+
+    ``storage_options`` apply to both the raw source URI and the output. ``columns`` defaults to
+    user, item, timestamp (or ``cfg.user_column``/... if the config grows such fields).
+    ``quarantine`` (default ``cfg.quarantine`` if present, else False) writes bad raw rows to
+    ``<output>/_quarantine/bad_rows.parquet`` instead of failing. ``num_buckets`` overrides the
+    spill fan-out computed from ``memory_limit_mb`` (tests use it to show it does not matter).
+    """
+    t0 = time.perf_counter()
+    cfg.validate()
+    if columns is None:
+        columns = RawColumns(
+            user=getattr(cfg, "user_column", "user"),
+            item=getattr(cfg, "item_column", "item"),
+            timestamp=getattr(cfg, "timestamp_column", "timestamp"),
+        )
+    if quarantine is None:
+        quarantine = bool(getattr(cfg, "quarantine", False))
+    uri, _ = resolve_source(cfg, cache_dir)
+    src_fs, src_path = open_fs(uri, storage_options)
+    files = list_raw_files(src_fs, src_path)
+    input_bytes = raw_input_bytes(src_fs, files)
+    budget_rows = max(1024, cfg.memory_limit_mb * (1 << 20) // BYTES_PER_ROW)
+    if num_buckets is None:
+        # x2: hash buckets are uneven; a bucket over budget is still loaded (whole users must be).
+        wanted = math.ceil(2 * estimate_rows(src_fs, files) / budget_rows)
+        num_buckets = 1 << max(0, math.ceil(math.log2(max(1, wanted))))
+    if num_buckets < 1 or num_buckets & (num_buckets - 1) or num_buckets > MAX_BUCKETS:
+        raise ValueError(f"num_buckets must be a power of two in [1, {MAX_BUCKETS}] (got {num_buckets})")
+
+    out_fs, root = open_fs(cfg.output, storage_options)
+    _clear_output(out_fs, root)
+    own_spill = tempfile.mkdtemp(prefix="stackrec-prepare-", dir=spill_dir)
+    try:
+        state = _pass1(uri, storage_options, columns, quarantine, num_buckets, own_spill, out_fs, root, budget_rows)
+        report = _finish(cfg, state, out_fs, root, budget_rows)
+    finally:
+        shutil.rmtree(own_spill, ignore_errors=True)
+    report.input_bytes = input_bytes
+    report.wall_s = round(time.perf_counter() - t0, 3)
+    report.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Hashing and id order
+
+
+def _hash64(text: str, key: bytes = b"") -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=key).digest(), "little")
+
+
+def _sorted_order(ids: list[str]) -> np.ndarray:
+    """Indices of ``ids`` in sorted original-id order: numeric if all are integers, else string."""
+    if all(_INT_ID.fullmatch(s) for s in ids):
+        order = sorted(range(len(ids)), key=lambda k: (int(ids[k]), ids[k]))
+    else:
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+    return np.asarray(order, dtype=np.int64)
+
+
+def _shard_of(h: np.ndarray, num_shards: int) -> np.ndarray:
+    # floor(h * S / 2^64) on 32 bits of precision: monotone in h, no uint64 overflow.
+    return (((h >> np.uint64(32)) * np.uint64(num_shards)) >> np.uint64(32)).astype(np.int64)
+
+
+def _bucket_of(h: np.ndarray, num_buckets: int) -> np.ndarray:
+    if num_buckets == 1:
+        return np.zeros(len(h), dtype=np.int64)
+    return (h >> np.uint64(64 - int(num_buckets).bit_length() + 1)).astype(np.int64)
+
+
+class _Vocab:
+    """Original id (string) -> provisional id, first-seen order."""
+
+    def __init__(self, with_hash: bool) -> None:
+        self.index: dict[str, int] = {}
+        self.names: list[str] = []
+        self.with_hash = with_hash
+        self.hashes = np.zeros(1024, dtype=np.uint64)
+
+    def lookup(self, arr: pa.Array) -> np.ndarray:
+        enc = arr.dictionary_encode()
+        values = enc.dictionary.to_pylist()
+        ids = np.empty(len(values), dtype=np.int64)
+        index = self.index
+        for j, s in enumerate(values):
+            v = index.get(s)
+            if v is None:
+                v = len(self.names)
+                index[s] = v
+                self.names.append(s)
+                if self.with_hash:
+                    if v >= len(self.hashes):
+                        self.hashes = np.concatenate([self.hashes, np.zeros(len(self.hashes), np.uint64)])
+                    self.hashes[v] = _hash64(s)
+            ids[j] = v
+        return ids[np.asarray(enc.indices.to_numpy(zero_copy_only=False), dtype=np.int64)]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+@dataclass
+class _Pass1:
+    users: _Vocab
+    items: _Vocab
+    counts: np.ndarray  # per provisional user
+    bucket_paths: list[str]
+    bucket_rows: np.ndarray
+    rows_read: int
+    rows_bad: int
+    quarantine_path: str | None
+    source: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 1
+
+
+def _clear_output(fs: fsspec.AbstractFileSystem, root: str) -> None:
+    """Drop what a previous prepare wrote here, manifest first: a crash leaves no valid dataset."""
+    if not fs.exists(root):
+        fs.makedirs(root, exist_ok=True)
+        return
+    manifest = posixpath.join(root, MANIFEST_NAME)
+    if fs.exists(manifest):
+        fs.rm(manifest)
+    for entry in fs.ls(root, detail=False):
+        name = posixpath.basename(entry.rstrip("/"))
+        if name in ("train", "valid", "test", "id_maps", "_quarantine") or name.startswith("slice-"):
+            fs.rm(entry, recursive=True)
+
+
+def _pass1(
+    uri: str,
+    storage_options: dict[str, Any] | None,
+    columns: RawColumns,
+    quarantine: bool,
+    num_buckets: int,
+    spill: str,
+    out_fs: fsspec.AbstractFileSystem,
+    root: str,
+    budget_rows: int,
+) -> _Pass1:
+    # Raw batches are a small slice of the budget; threaded CSV parsing keeps several blocks in
+    # flight, so only when the budget is roomy.
+    read_rows = int(min(65536, max(4096, budget_rows // 16)))
+    read_threads = budget_rows * BYTES_PER_ROW >= 256 << 20
+    users, items = _Vocab(with_hash=True), _Vocab(with_hash=False)
+    counts = np.zeros(1024, dtype=np.int64)
+    paths = [os.path.join(spill, f"bucket-{b:05d}.arrows") for b in range(num_buckets)]
+    sinks = [pa.OSFile(p, "wb") for p in paths]
+    writers = [pa.ipc.new_stream(s, _SPILL_SCHEMA) for s in sinks]
+    bucket_rows = np.zeros(num_buckets, dtype=np.int64)
+    rows_read = rows_bad = 0
+    q_writer = None
+    q_file = None
+    q_path = posixpath.join(root, "_quarantine", "bad_rows.parquet")
+    try:
+        for batch in iter_raw(
+            uri, storage_options, columns, quarantine=quarantine,
+            batch_rows=read_rows, csv_block_bytes=read_rows * 16, use_threads=read_threads,
+        ):
+            if isinstance(batch, BadRows):
+                if q_writer is None:
+                    out_fs.makedirs(posixpath.dirname(q_path), exist_ok=True)
+                    q_file = out_fs.open(q_path, "wb")
+                    q_writer = pq.ParquetWriter(q_file, QUARANTINE_SCHEMA, compression="zstd")
+                q_writer.write_table(bad_rows_table(batch))
+                rows_bad += len(batch)
+                rows_read += len(batch)
+                continue
+            assert isinstance(batch, RawBatch)
+            n = len(batch.user)
+            if n == 0:
+                continue
+            rows_read += n
+            u = users.lookup(batch.user)
+            i = items.lookup(batch.item)
+            if len(users) > len(counts):
+                counts = np.concatenate([counts, np.zeros(max(len(users), 2 * len(counts)) - len(counts), np.int64)])
+            counts += np.bincount(u, minlength=len(counts))[: len(counts)]
+            bucket = _bucket_of(users.hashes[u], num_buckets)
+            order = np.argsort(bucket, kind="stable")  # stable: keeps input order within a bucket
+            sb = bucket[order]
+            cuts = np.flatnonzero(np.diff(sb)) + 1
+            for s, e in zip(np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [n]]).tolist()):
+                sel = order[s:e]
+                b = int(sb[s])
+                writers[b].write_batch(
+                    pa.record_batch(
+                        [pa.array(u[sel].astype(np.int32)), pa.array(i[sel].astype(np.int32)), pa.array(batch.timestamp[sel])],
+                        schema=_SPILL_SCHEMA,
+                    )
+                )
+                bucket_rows[b] += e - s
+    finally:
+        for w in writers:
+            w.close()
+        for s in sinks:
+            s.close()
+        if q_writer is not None:
+            q_writer.close()
+            q_file.close()
+    return _Pass1(
+        users, items, counts[: len(users)], paths, bucket_rows, rows_read, rows_bad,
+        q_path if rows_bad else None, uri,
+    )
+
+
+def _read_bucket(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    with pa.memory_map(path) as source:
+        table = pa.ipc.open_stream(source).read_all()
+    if table.num_rows == 0:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty
+    return (
+        table.column("u").to_numpy().astype(np.int64),
+        table.column("i").to_numpy().astype(np.int64),
+        table.column("t").to_numpy(),
+    )
+
+
+def _iter_spill_batches(paths: list[str]):
+    """(u, i, t) per spilled record batch: for scans that need no whole-user view."""
+    for path in paths:
+        with pa.memory_map(path) as source:
+            for rb in pa.ipc.open_stream(source):
+                yield (
+                    rb.column(0).to_numpy().astype(np.int64),
+                    rb.column(1).to_numpy().astype(np.int64),
+                    rb.column(2).to_numpy(),
+                )
+
+
+# ---------------------------------------------------------------------------------------------
+# Between the passes: final ids, time-slice boundaries
+
+
+def _exact_quantile_values(
+    paths: list[str], kept: np.ndarray, ranks: list[int], lo: int, hi: int, first_counts: np.ndarray, width: int
+) -> list[int]:
+    """The ranks-th smallest kept timestamps (1-based ranks), by histogram refinement.
+
+    ``first_counts`` is the histogram of all kept timestamps over bins [lo + k*width, ...).
+    """
+    out = []
+    for r in ranks:
+        base, w, below, counts = lo, width, 0, first_counts
+        while True:
+            cum = below + np.cumsum(counts)
+            j = int(np.searchsorted(cum, r))
+            below = below + (int(cum[j - 1] - below) if j > 0 else 0)
+            base = base + j * w
+            if w == 1:
+                out.append(int(base))
+                break
+            nw = max(1, -(-w // _HIST_BINS))
+            counts = np.zeros(-(-w // nw), dtype=np.int64)
+            for u, _, t in _iter_spill_batches(paths):
+                m = kept[u] & (t >= base) & (t < base + w)
+                if m.any():
+                    counts += np.bincount((t[m] - base) // nw, minlength=len(counts))[: len(counts)]
+            w = nw
+    return out
+
+
+def _finish(cfg: PrepareConfig, s: _Pass1, fs: fsspec.AbstractFileSystem, root: str, budget_rows: int) -> PrepareReport:
+    kept = s.counts >= cfg.min_sequence_length
+    users_dropped = int((~kept).sum())
+    interactions_dropped = int(s.counts[~kept].sum())
+    interactions_kept = int(s.counts[kept].sum())
+    if not kept.any():
+        raise DataError(
+            f"no user has >= min_sequence_length={cfg.min_sequence_length} valid interactions "
+            f"({len(s.users)} users, {s.rows_read - s.rows_bad} valid rows)",
+            path=s.source,
+        )
+    kept_prov = np.flatnonzero(kept)
+    order = _sorted_order([s.users.names[k] for k in kept_prov])
+    user_final = np.full(len(s.users), -1, dtype=np.int64)
+    user_final[kept_prov[order]] = np.arange(len(kept_prov))
+    num_users = len(kept_prov)
+
+    # Scan: items touched by kept users, and a first timestamp histogram when slicing.
+    item_seen = np.zeros(len(s.items), dtype=bool)
+    tmin, tmax = None, None
+    for u, i, t in _iter_spill_batches(s.bucket_paths):
+        m = kept[u]
+        item_seen[i[m]] = True
+        if cfg.time_slices > 1 and m.any():
+            tm = t[m]
+            tmin = int(tm.min()) if tmin is None else min(tmin, int(tm.min()))
+            tmax = int(tm.max()) if tmax is None else max(tmax, int(tm.max()))
+    seen = np.flatnonzero(item_seen)
+    iorder = _sorted_order([s.items.names[k] for k in seen])
+    item_final = np.zeros(len(s.items), dtype=np.int64)
+    item_final[seen[iorder]] = np.arange(1, len(seen) + 1)
+    num_items = len(seen) + 1
+
+    boundaries: list[int] = []
+    if cfg.time_slices > 1:
+        width = max(1, -(-(tmax - tmin + 1) // _HIST_BINS))
+        counts = np.zeros(-(-(tmax - tmin + 1) // width), dtype=np.int64)
+        for u, _, t in _iter_spill_batches(s.bucket_paths):
+            m = kept[u]
+            if m.any():
+                counts += np.bincount((t[m] - tmin) // width, minlength=len(counts))[: len(counts)]
+        ranks = [-(-k * interactions_kept // cfg.time_slices) for k in range(1, cfg.time_slices)]
+        boundaries = _exact_quantile_values(s.bucket_paths, kept, ranks, tmin, tmax, counts, width)
+
+    # Held-out membership by a seeded hash of the original user id: 0 train, 1 valid, 2 test.
+    final_hash = np.zeros(num_users, dtype=np.uint64)
+    final_hash[user_final[kept_prov]] = s.users.hashes[kept_prov]
+    held = None
+    if cfg.split == "held_out":
+        key = int(cfg.seed).to_bytes(8, "little", signed=True)
+        held = np.zeros(num_users, dtype=np.int8)
+        frac = cfg.held_out_fraction
+        for prov in kept_prov.tolist():
+            x = _hash64(s.users.names[prov], key) / 2.0**64
+            held[user_final[prov]] = 2 if x < frac else (1 if x < 2 * frac else 0)
+
+    split_names = ["train", "valid", "test"] + [f"slice-{k}" for k in range(1, cfg.time_slices + 1)]
+    writers = {n: SplitWriter(fs, root, n, cfg.num_shards, cfg.row_group_size) for n in split_names}
+
+    # Pass 2: consecutive buckets up to the budget at a time.
+    groups: list[list[int]] = []
+    for b, rows in enumerate(s.bucket_rows.tolist()):
+        if groups and sum(s.bucket_rows[groups[-1]]) + rows <= budget_rows:
+            groups[-1].append(b)
+        else:
+            groups.append([b])
+    bounds = boundaries + [None] if cfg.time_slices else []
+    for g in groups:
+        parts = [_read_bucket(s.bucket_paths[b]) for b in g]
+        u = np.concatenate([p[0] for p in parts])
+        i = np.concatenate([p[1] for p in parts])
+        t = np.concatenate([p[2] for p in parts])
+        del parts
+        m = kept[u]
+        u, i, t = user_final[u[m]], item_final[i[m]], t[m]
+        if len(u) == 0:
+            continue
+        h = final_hash[u]
+        perm = np.lexsort((t, u, h))  # last key primary; lexsort is stable, so ties keep input order
+        u, i, t, h = u[perm], i[perm], t[perm], h[perm]
+        del perm
+        _emit_group(cfg, writers, u, i, t, h, held, bounds)
+        del u, i, t, h
+        # mimalloc (Arrow's default pool) keeps freed segments per thread; hand them back so
+        # resident memory tracks the budget rather than the high-water mark of every thread.
+        pa.default_memory_pool().release_unused()
+
+    split_infos = {n: w.close() for n, w in writers.items()}
+    id_maps = _write_id_maps(fs, root, s, kept_prov[order], seen[iorder])
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        num_items=num_items,
+        num_users=num_users,
+        protocol=cfg.split,
+        splits=split_infos,
+        id_maps=id_maps,
+        created_by="stackrec_dist.data.prepare",
+        extra={
+            "source": cfg.source,
+            "min_sequence_length": cfg.min_sequence_length,
+            "held_out_fraction": cfg.held_out_fraction if cfg.split == "held_out" else None,
+            "seed": cfg.seed,
+            "time_slices": cfg.time_slices,
+            "time_slice_boundaries": boundaries,
+            "interactions": interactions_kept,
+            "rows_bad": s.rows_bad,
+            "quarantine": "_quarantine/bad_rows.parquet" if s.rows_bad else None,
+            "users_dropped": users_dropped,
+            "interactions_dropped": interactions_dropped,
+        },
+    )
+    write_manifest(fs, root, manifest)
+    return PrepareReport(
+        output=cfg.output,
+        source=cfg.source,
+        protocol=cfg.split,
+        num_users=num_users,
+        num_items=num_items,
+        rows_read=s.rows_read,
+        rows_bad=s.rows_bad,
+        quarantine_path=display_path(fs, s.quarantine_path) if s.quarantine_path else None,
+        users_dropped=users_dropped,
+        interactions_dropped=interactions_dropped,
+        interactions_kept=interactions_kept,
+        splits={n: info.rows for n, info in split_infos.items()},
+        time_slice_boundaries=boundaries,
+        input_bytes=0,
+        spill_buckets=len(s.bucket_paths),
+        partitions=len(groups),
+        wall_s=0.0,
+        peak_rss_mb=0.0,
+        extra={"manifest": manifest},
+    )
+
+
+def _drop_tail(offsets: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(value mask, new offsets) removing the last k elements of every row."""
+    lens = np.diff(offsets)
+    keep_lens = np.maximum(lens - k, 0)
+    pos = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lens)
+    mask = pos < np.repeat(keep_lens, lens)
+    return mask, np.concatenate([[0], np.cumsum(keep_lens)])
+
+
+def _emit_group(
+    cfg: PrepareConfig,
+    writers: dict[str, SplitWriter],
+    u: np.ndarray,
+    i: np.ndarray,
+    t: np.ndarray,
+    h: np.ndarray,
+    held: np.ndarray | None,
+    bounds: list[int | None],
+) -> None:
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(u)) + 1])
+    offsets = np.concatenate([starts, [len(u)]])
+    users = u[starts]
+    shard = _shard_of(h[starts], cfg.num_shards)
+
+    def rows(name: str, sel_users: np.ndarray, offs: np.ndarray, vmask: np.ndarray | None, k: int = 0) -> None:
+        items = i if vmask is None else i[vmask]
+        ts = t if vmask is None else t[vmask]
+        writers[name].write(sequence_table(users[sel_users], offs, items, ts, time_slice=k), shard[sel_users])
+
+    if cfg.split == "leave_last_out":
+        all_users = np.arange(len(users))
+        rows("test", all_users, offsets, None)
+        vmask, voff = _drop_tail(offsets, 1)
+        rows("valid", all_users, voff, vmask)
+        tmask, toff = _drop_tail(offsets, 2)
+        rows("train", all_users, toff, tmask)
+        train_mask, train_off, train_users = tmask, toff, all_users
+    else:
+        lens = np.diff(offsets)
+        row_split = np.repeat(held[users], lens)
+        for code, name in ((0, "train"), (1, "valid"), (2, "test")):
+            sel = np.flatnonzero(held[users] == code)
+            vmask = row_split == code
+            offs = np.concatenate([[0], np.cumsum(lens[sel])])
+            rows(name, sel, offs, vmask)
+        train_users = np.flatnonzero(held[users] == 0)
+        train_mask = row_split == 0
+        train_off = np.concatenate([[0], np.cumsum(lens[train_users])])
+    for k, b in enumerate(bounds, start=1):
+        if b is None:
+            smask = train_mask
+        else:
+            smask = train_mask & (t <= b)
+        # Per training row, how many of its interactions fall in the slice.
+        row_of = np.repeat(np.arange(len(users)), np.diff(offsets))
+        per_row = np.bincount(row_of[smask], minlength=len(users))[train_users]
+        nonempty = per_row > 0
+        sel = train_users[nonempty]
+        offs = np.concatenate([[0], np.cumsum(per_row[nonempty])])
+        rows(f"slice-{k}", sel, offs, smask, k)
+
+
+def _write_id_maps(
+    fs: fsspec.AbstractFileSystem, root: str, s: _Pass1, users_sorted: np.ndarray, items_sorted: np.ndarray
+) -> dict[str, str]:
+    fs.makedirs(posixpath.join(root, "id_maps"), exist_ok=True)
+    tables = {
+        "items": pa.table(
+            {
+                "original_id": pa.array([s.items.names[k] for k in items_sorted.tolist()], pa.string()),
+                "dense_id": pa.array(np.arange(1, len(items_sorted) + 1, dtype=np.int32)),
+            }
+        ),
+        "users": pa.table(
+            {
+                "original_id": pa.array([s.users.names[k] for k in users_sorted.tolist()], pa.string()),
+                "dense_id": pa.array(np.arange(len(users_sorted), dtype=np.int64)),
+            }
+        ),
+    }
+    out = {}
+    for name, table in tables.items():
+        rel = f"id_maps/{name}.parquet"
+        with fs.open(posixpath.join(root, rel), "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+        out[name] = rel
+    return out
+
+
+def read_id_map(uri: str, name: str = "items", storage_options: dict[str, Any] | None = None) -> dict[str, int]:
+    """original id -> dense id, from a prepared dataset's ``id_maps/<name>.parquet``."""
+    fs, root = open_fs(uri, storage_options)
+    with fs.open(posixpath.join(root, "id_maps", f"{name}.parquet"), "rb") as f:
+        table = pq.read_table(f)
+    return dict(zip(table.column("original_id").to_pylist(), table.column("dense_id").to_pylist()))
+
+
+def main_summary(report: PrepareReport) -> str:
+    """Human-readable lines for the CLI."""
+    lines = [
+        f"prepared {report.source} -> {report.output} ({report.protocol})",
+        f"  users {report.num_users}  items {report.num_items - 1} (+pad)  interactions {report.interactions_kept}",
+        f"  rows read {report.rows_read}  bad {report.rows_bad}"
+        + (f" (quarantined at {report.quarantine_path})" if report.quarantine_path else ""),
+        f"  users dropped (< min_sequence_length) {report.users_dropped} with {report.interactions_dropped} interactions",
+        "  " + "  ".join(f"{k}={v}" for k, v in report.splits.items()),
+        f"  {report.wall_s:.1f} s, peak RSS {report.peak_rss_mb:.0f} MB, {report.spill_buckets} spill buckets, "
+        f"{report.partitions} partitions",
+    ]
+    if report.time_slice_boundaries:
+        lines.append(f"  time slice boundaries {report.time_slice_boundaries}")
+    return "\n".join(lines)

@@ -1,0 +1,241 @@
+"""The one filesystem layer of the data package: local paths, ``file://``, ``s3://`` and ``memory://``.
+
+Everything that touches bytes of a dataset goes through :func:`open_fs` (an fsspec filesystem and
+the path inside it), :func:`arrow_fs` (the same filesystem for pyarrow) and :func:`retrying`
+(transient object-store failures are retried with exponential back-off, permanent ones fail at
+once naming the object).
+
+S3 settings (see docs/data.md and the stack notes): the endpoint comes from
+``storage_options["endpoint_url"]`` or ``$AWS_ENDPOINT_URL``, credentials from the environment
+(``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``) unless given as ``key`` / ``secret``; no read
+cache (the reader does its own read-ahead), botocore "standard" retries with 12 attempts, and
+``fs.retries = 12`` for s3fs's own retry loop (passing ``retries=`` to the constructor breaks it).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from typing import Any, Callable, TypeVar
+
+import fsspec
+
+T = TypeVar("T")
+
+S3_MAX_ATTEMPTS = 12
+
+
+def _s3_fs(storage_options: dict[str, Any]) -> fsspec.AbstractFileSystem:
+    import s3fs
+
+    opts = dict(storage_options)
+    client_kwargs = dict(opts.pop("client_kwargs", {}) or {})
+    endpoint = opts.pop("endpoint_url", None) or client_kwargs.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+    config_kwargs = dict(opts.pop("config_kwargs", {}) or {})
+    config_kwargs.setdefault("retries", {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"})
+    opts.setdefault("default_cache_type", "none")
+    retries = opts.pop("retries", S3_MAX_ATTEMPTS)
+    fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, config_kwargs=config_kwargs, **opts)
+    fs.retries = retries
+    return fs
+
+
+def open_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it, without a trailing slash) for a local path or a URI.
+
+    ``storage_options`` are fsspec options; for ``s3://`` also ``endpoint_url``. Local paths and
+    ``file://`` give the local filesystem with an absolute path.
+    """
+    uri = str(uri)
+    protocol, _, rest = uri.partition("://") if "://" in uri else ("file", "", uri)
+    if protocol in ("s3", "s3a"):
+        fs = _s3_fs(storage_options or {})
+        path = fs._strip_protocol(uri)
+    else:
+        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    path = path.rstrip("/") or path
+    return fs, path
+
+
+def display_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A path as the user would type it (``s3://bucket/key``, ``memory://x``), for messages."""
+    try:
+        return fs.unstrip_protocol(path)
+    except Exception:
+        return path
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
+def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("s3", "s3a")
+
+
+def arrow_fs(fs: fsspec.AbstractFileSystem):
+    """A ``pyarrow.fs.FileSystem`` over ``fs``: native for local disk, ``PyFileSystem`` otherwise."""
+    import pyarrow.fs as pafs
+
+    if is_local(fs):
+        return pafs.LocalFileSystem()
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+# -- retries -------------------------------------------------------------------------------------
+
+_PERMANENT_CODES = {
+    "NoSuchKey", "NoSuchBucket", "404", "NotFound", "AccessDenied", "403", "Forbidden",
+    "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidRange", "416",
+}
+_TRANSIENT_CODES = {
+    "SlowDown", "ServiceUnavailable", "503", "500", "InternalError", "RequestTimeout",
+    "RequestTimeTooSkewed", "Throttling", "ThrottlingException", "502", "504",
+}
+
+
+class StorageError(OSError):
+    """An object could not be read: permanently, or transiently past the retry bound."""
+
+    def __init__(self, message: str, *, path: str | None = None, transient: bool = False) -> None:
+        super().__init__(message)
+        self.path = path
+        self.transient = transient
+
+
+def _client_error_code(exc: BaseException) -> str | None:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        err = response.get("Error") or {}
+        code = err.get("Code")
+        if code:
+            return str(code)
+        status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        if status:
+            return str(status)
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures worth retrying: connection errors, timeouts, throttling, 5xx.
+
+    Permanent: missing object or bucket, permission / signature errors, bad ranges, and anything
+    that is not an I/O error at all (corrupt bytes surface as ``pyarrow.ArrowInvalid``; data errors
+    are ``ValueError``). A missing object is permanent here: callers that cannot trust a
+    ``FileNotFoundError`` during an outage re-check with a probe (see ``retrying(probe=...)``).
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, StorageError):
+            return False  # the outcome of a retry loop already: never retried again
+        if _is_arrow_error(cur):
+            # Raised by Arrow itself (Python errors of fsspec pass through PyFileSystem
+            # unchanged): undecodable bytes or a local I/O failure, not a flaky connection.
+            return False
+        code = _client_error_code(cur)
+        if code in _PERMANENT_CODES:
+            return False
+        if code in _TRANSIENT_CODES:
+            return True
+        if isinstance(cur, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            return False
+        if isinstance(cur, (ConnectionError, TimeoutError)):
+            return True
+        try:
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            if isinstance(cur, ClientError):
+                return code is not None and code.startswith("5")
+            if isinstance(cur, BotoCoreError):
+                return True
+        except ImportError:  # pragma: no cover - botocore ships with s3fs[boto3]
+            pass
+        try:
+            import aiohttp
+
+            if isinstance(cur, aiohttp.ClientError):
+                return True
+        except ImportError:  # pragma: no cover
+            pass
+        if isinstance(cur, OSError):
+            # Arrow reports undecodable files as a bare OSError without errno ("Couldn't
+            # deserialize thrift", "Parquet magic bytes not found"); socket-level failures carry
+            # an errno (ECONNRESET, ETIMEDOUT, ...) or are ConnectionError subclasses (above).
+            if type(cur) is OSError and cur.errno is None and cur.__cause__ is None and cur.__context__ is None:
+                return False
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def retrying(
+    fn: Callable[[], T],
+    what: str,
+    *,
+    attempts: int = 8,
+    base_delay: float = 0.25,
+    max_delay: float = 8.0,
+    probe: Callable[[], Any] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call ``fn()``; retry transient failures with exponential back-off and full jitter.
+
+    ``what`` names the object (``s3://b/ds/train/part-00001.parquet row group 3``) in the error.
+    A permanent failure raises :class:`StorageError` at once (chained to the cause); a transient
+    one raises it after ``attempts`` tries (about 30 s of waiting with the defaults, on top of the
+    botocore retries inside each try). ``probe``: called when ``fn`` raised FileNotFoundError; if
+    the probe itself fails the server is unreachable and the error is treated as transient (s3fs
+    can report a dead endpoint as a missing key).
+    """
+    delay = base_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            transient = is_transient(exc)
+            if not transient and probe is not None and isinstance(exc, FileNotFoundError):
+                try:
+                    probe()
+                except Exception:  # noqa: BLE001
+                    transient = True
+            if not transient:
+                if isinstance(exc, StorageError) or not isinstance(exc, OSError) and not _is_boto(exc):
+                    raise
+                raise StorageError(f"{what}: {_describe(exc)} (permanent, not retried)", path=what) from exc
+            if attempt == attempts:
+                raise StorageError(
+                    f"{what}: {_describe(exc)} (still failing after {attempts} attempts)", path=what, transient=True
+                ) from exc
+            sleep(random.uniform(0, delay))
+            delay = min(max_delay, delay * 2)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _is_arrow_error(exc: BaseException) -> bool:
+    try:
+        import pyarrow as pa
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, pa.ArrowException)
+
+
+def _is_boto(exc: BaseException) -> bool:
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, (BotoCoreError, ClientError))
+
+
+def _describe(exc: BaseException) -> str:
+    code = _client_error_code(exc)
+    text = f"{type(exc).__name__}: {exc}"
+    return f"{text} [{code}]" if code and code not in text else text
