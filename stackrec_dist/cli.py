@@ -128,9 +128,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from stackrec_dist.quickstart import run_quickstart
+    from stackrec_dist.quickstart import QUICKSTART_DEFAULTS, run_quickstart
 
-    return run_quickstart(_load(args))
+    return run_quickstart(load_config(args.config, QUICKSTART_DEFAULTS + args.overrides))
 
 
 def cmd_report(args: argparse.Namespace) -> int:

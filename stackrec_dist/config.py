@@ -195,6 +195,10 @@ class PrepareConfig:
     synthetic_users: int = _doc("source=synthetic: number of users.", default=2000)
     synthetic_items: int = _doc("source=synthetic: number of items.", default=500)
     seed: int = _doc("Seed for synthetic data and held-out user split.", default=0)
+    quarantine: bool = _doc("Write bad raw rows to <output>/_quarantine/ (counted) instead of failing.", default=False)
+    user_column: str = _doc("Raw log column holding the user id.", default="user")
+    item_column: str = _doc("Raw log column holding the item id.", default="item")
+    timestamp_column: str = _doc("Raw log column holding the timestamp.", default="timestamp")
 
     def validate(self, prefix: str = "prepare") -> None:
         _check(0 < self.held_out_fraction < 0.5, f"{prefix}.held_out_fraction", "must be in (0, 0.5)", self.held_out_fraction)

@@ -92,21 +92,21 @@ class PrepareReport:
         return main_summary(self)
 
 
-def resolve_source(cfg: PrepareConfig, cache_dir: str | None = None) -> tuple[str, bool]:
-    """(URI of the raw log, whether it is a local file made here). Named sources are fetched."""
+def resolve_source(cfg: PrepareConfig, cache_dir: str | None = None) -> str:
+    """URI of the raw log; named sources (MovieLens, synthetic) are fetched or made and cached."""
     if cfg.source == "movielens-1m":
         from .movielens import fetch_movielens
 
-        return str(fetch_movielens("1m", cache_dir)), True
+        return str(fetch_movielens("1m", cache_dir))
     if cfg.source == "movielens-100k":
         from .movielens import fetch_movielens
 
-        return str(fetch_movielens("100k", cache_dir)), True
+        return str(fetch_movielens("100k", cache_dir))
     if cfg.source == "synthetic":
         from .synthetic import synthetic_log_path
 
-        return str(synthetic_log_path(cfg.synthetic_users, cfg.synthetic_items, cfg.seed, cache_dir)), True
-    return cfg.source, False
+        return str(synthetic_log_path(cfg.synthetic_users, cfg.synthetic_items, cfg.seed, cache_dir))
+    return cfg.source
 
 
 def prepare_dataset(
@@ -122,8 +122,8 @@ def prepare_dataset(
     """Turn ``cfg.source`` into the dataset at ``cfg.output`` and return what happened.
 
     ``storage_options`` apply to both the raw source URI and the output. ``columns`` defaults to
-    user, item, timestamp (or ``cfg.user_column``/... if the config grows such fields).
-    ``quarantine`` (default ``cfg.quarantine`` if present, else False) writes bad raw rows to
+    ``cfg.user_column``, ``cfg.item_column``, ``cfg.timestamp_column``.
+    ``quarantine`` (default ``cfg.quarantine``) writes bad raw rows to
     ``<output>/_quarantine/bad_rows.parquet`` instead of failing. ``num_buckets`` overrides the
     spill fan-out computed from ``memory_limit_mb`` (tests use it to show it does not matter).
     """
@@ -131,13 +131,13 @@ def prepare_dataset(
     cfg.validate()
     if columns is None:
         columns = RawColumns(
-            user=getattr(cfg, "user_column", "user"),
-            item=getattr(cfg, "item_column", "item"),
-            timestamp=getattr(cfg, "timestamp_column", "timestamp"),
+            user=cfg.user_column,
+            item=cfg.item_column,
+            timestamp=cfg.timestamp_column,
         )
     if quarantine is None:
-        quarantine = bool(getattr(cfg, "quarantine", False))
-    uri, _ = resolve_source(cfg, cache_dir)
+        quarantine = cfg.quarantine
+    uri = resolve_source(cfg, cache_dir)
     src_fs, src_path = open_fs(uri, storage_options)
     files = list_raw_files(src_fs, src_path)
     input_bytes = raw_input_bytes(src_fs, files)

@@ -278,7 +278,7 @@ def _as_string(arr: pa.Array) -> pa.Array:
         return arr
     if pa.types.is_large_string(arr.type):
         return arr.cast(pa.string())
-    if pa.types.is_integer(arr.type) or pa.types.is_string(arr.type):
+    if pa.types.is_integer(arr.type):
         return arr.cast(pa.string())
     if pa.types.is_floating(arr.type):
         # 12.0 -> "12": float-typed id columns come from pandas frames with nulls.

@@ -26,8 +26,6 @@ import base64
 import hashlib
 import os
 import posixpath
-import queue
-import threading
 import uuid
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,7 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from stackrec_dist.config import DataConfig
 
-from .errors import CorruptFileError, DataError, ManifestError, MissingShardError, SchemaError
+from .errors import CorruptFileError, DataError, ManifestError, MissingShardError
 from .manifest import Manifest, check_sequence_schema, file_digest, read_manifest
 from .storage import StorageError, arrow_fs, display_path, is_s3, open_fs, retrying
 
@@ -626,7 +624,15 @@ class SequenceStream(IterableDataset):
         units = self.worker_units(cursor, worker_id, workers)
         g = self.rank * workers + worker_id
         rng = np.random.default_rng([self.cfg.seed, cursor.epoch, g, 0xB0F])
-        yield from self._batches(units, cursor, rng, g)
+        if info is None:
+            yield from self._batches(units, cursor, rng, g)
+            return
+        try:
+            yield from self._batches(units, cursor, rng, g)
+        except (DataError, StorageError) as err:
+            # Hand the error itself to the main process: the DataLoader would re-raise only its
+            # type and text, losing path / row_group / row / field.
+            yield {_META: {"error": err}}
 
     def _reader(self) -> _ShardReader:
         return _ShardReader(self.fs, self.root, self.manifest, self.split,
@@ -943,6 +949,8 @@ def _run_epoch(dataset: SequenceStream, c: Cursor, num_workers: int, prefetch_fa
     try:
         for item in it:
             meta = item.pop(_META)
+            if "error" in meta:
+                raise meta["error"]
             c.record(meta)
             if item["inputs"].shape[0] == 0:
                 continue

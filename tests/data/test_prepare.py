@@ -1,0 +1,333 @@
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from stackrec_dist.config import PrepareConfig
+from stackrec_dist.data.errors import BadRowError, ManifestError
+from stackrec_dist.data.manifest import SEQUENCE_SCHEMA, read_manifest
+from stackrec_dist.data.prepare import prepare_dataset, read_id_map
+from stackrec_dist.data.storage import open_fs
+from stackrec_dist.data.synthetic import SyntheticParams, generate_interactions
+
+from .conftest import csv_log, write_text
+
+REPO = Path(__file__).resolve().parents[2]
+
+# u1 has a timestamp tie (items 2 and 7 at t=3: input order 2, 7 must be kept); u3 is too short.
+LOG = [
+    ("u1", "10", 5),
+    ("u2", "7", 1),
+    ("u1", "2", 3),
+    ("u1", "7", 3),
+    ("u2", "2", 2),
+    ("u3", "3", 1),
+    ("u2", "3", 2),
+    ("u1", "10", 9),
+    ("u2", "2", 4),
+]
+# Dense items in numeric original-id order: 2 -> 1, 3 -> 2, 7 -> 3, 10 -> 4. Users: u1 -> 0, u2 -> 1.
+U1 = ([1, 3, 4, 4], [3, 3, 5, 9])
+U2 = ([3, 1, 2, 1], [1, 2, 2, 4])
+
+
+def split_rows(uri: str, split: str) -> list[dict]:
+    fs, root = open_fs(uri)
+    m = read_manifest(fs, root, verify_checksums=True)
+    rows = []
+    for shard in m.splits[split].shards:
+        with fs.open(f"{root}/{shard.path}", "rb") as f:
+            table = pq.read_table(f)
+        assert table.schema.equals(SEQUENCE_SCHEMA)
+        rows += table.to_pylist()
+    return rows
+
+
+def by_user(rows: list[dict]) -> dict[int, tuple[list[int], list[int]]]:
+    return {r["user_id"]: (r["item_ids"], r["timestamps"]) for r in rows}
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("kind", ["memory", "local"])
+def test_exact_sequences_leave_last_out(kind, mem_root, tmp_path):
+    base = mem_root if kind == "memory" else str(tmp_path)
+    src = write_text(f"{base}/raw/log.csv", csv_log(LOG))
+    out = f"{base}/ds"
+    report = prepare_dataset(PrepareConfig(source=src, output=out, num_shards=2, row_group_size=1))
+    assert (report.num_users, report.num_items, report.interactions_kept) == (2, 5, 8)
+    assert (report.users_dropped, report.interactions_dropped, report.rows_read, report.rows_bad) == (1, 1, 9, 0)
+    assert by_user(split_rows(out, "test")) == {0: U1, 1: U2}
+    assert by_user(split_rows(out, "valid")) == {0: (U1[0][:-1], U1[1][:-1]), 1: (U2[0][:-1], U2[1][:-1])}
+    assert by_user(split_rows(out, "train")) == {0: (U1[0][:-2], U1[1][:-2]), 1: (U2[0][:-2], U2[1][:-2])}
+    assert all(r["time_slice"] == 0 and r["domain"] is None for r in split_rows(out, "train"))
+
+    fs, root = open_fs(out)
+    m = read_manifest(fs, root)
+    assert (m.num_items, m.num_users, m.protocol) == (5, 2, "leave_last_out")
+    assert m.extra["users_dropped"] == 1 and m.extra["interactions_dropped"] == 1
+    assert [len(s.shards) for s in m.splits.values()] == [2, 2, 2]
+    # Id maps: saved, dense, and they invert the remapping back to the original log.
+    items, users = read_id_map(out, "items"), read_id_map(out, "users")
+    assert items == {"2": 1, "3": 2, "7": 3, "10": 4} and users == {"u1": 0, "u2": 1}
+    inv_items = {v: k for k, v in items.items()}
+    inv_users = {v: k for k, v in users.items()}
+    for uid, (seq, ts) in by_user(split_rows(out, "test")).items():
+        original = [(i, t) for (u, i, t) in LOG if u == inv_users[uid]]
+        assert sorted(original, key=lambda x: x[1]) == [(inv_items[i], t) for i, t in zip(seq, ts)]
+
+
+def test_string_ids_sort_as_strings(mem_root):
+    rows = [("b", "x10", 1), ("b", "x9", 2), ("b", "x10", 3), ("a", "x9", 1), ("a", "x9", 2), ("a", "x10", 3)]
+    src = write_text(f"{mem_root}/log.csv", csv_log(rows))
+    prepare_dataset(PrepareConfig(source=src, output=f"{mem_root}/ds", num_shards=1))
+    assert read_id_map(f"{mem_root}/ds", "items") == {"x10": 1, "x9": 2}
+    assert read_id_map(f"{mem_root}/ds", "users") == {"a": 0, "b": 1}
+
+
+def test_held_out(tmp_path):
+    src = str(tmp_path / "log.parquet")
+    generate_interactions(400, 50, seed=3, params=SyntheticParams(mean_length=8), path=src)
+    cfg = PrepareConfig(
+        source=src, output=str(tmp_path / "ds"), split="held_out", held_out_fraction=0.2, num_shards=3, seed=5,
+        time_slices=2,
+    )
+    report = prepare_dataset(cfg)
+    # Slices come from the training users only; the last one is the training split.
+    assert by_user(split_rows(cfg.output, "slice-2")) == by_user(split_rows(cfg.output, "train"))
+    assert set(by_user(split_rows(cfg.output, "slice-1"))) <= set(by_user(split_rows(cfg.output, "train")))
+    splits = {name: by_user(split_rows(cfg.output, name)) for name in ("train", "valid", "test")}
+    users = [set(s) for s in splits.values()]
+    assert not (users[0] & users[1] or users[0] & users[2] or users[1] & users[2])
+    assert len(users[0] | users[1] | users[2]) == report.num_users == 400
+    assert 40 <= len(users[1]) <= 120 and 40 <= len(users[2]) <= 120
+    # Full sequences, whatever the split.
+    assert sum(len(v[0]) for s in splits.values() for v in s.values()) == report.interactions_kept
+    # Another seed, another assignment.
+    other = prepare_dataset(PrepareConfig(**{**cfg.__dict__, "output": str(tmp_path / "ds2"), "seed": 6}))
+    assert set(by_user(split_rows(other.output, "test"))) != users[2]
+
+
+def test_time_slices(mem_root):
+    # 2 users x 6 interactions; timestamps 1..12 interleaved.
+    rows = [("a", str(k), 2 * k - 1) for k in range(1, 7)] + [("b", str(k), 2 * k) for k in range(1, 7)]
+    src = write_text(f"{mem_root}/log.csv", csv_log(rows))
+    out = f"{mem_root}/ds"
+    report = prepare_dataset(PrepareConfig(source=src, output=out, time_slices=3, num_shards=1))
+    # N = 12 interactions: boundaries are the 4th and 8th smallest timestamps.
+    assert report.time_slice_boundaries == [4, 8]
+    train = by_user(split_rows(out, "train"))
+    s1, s2, s3 = (split_rows(out, f"slice-{k}") for k in (1, 2, 3))
+    assert by_user(s1) == {0: ([1, 2], [1, 3]), 1: ([1, 2], [2, 4])}
+    assert by_user(s2) == {0: ([1, 2, 3, 4], [1, 3, 5, 7]), 1: ([1, 2, 3, 4], [2, 4, 6, 8])}
+    assert by_user(s3) == train  # the last slice is the training split: no valid/test leakage
+    assert {r["time_slice"] for r in s2} == {2}
+    assert len(split_rows(out, "test")) == 2
+    fs, root = open_fs(out)
+    assert read_manifest(fs, root).extra["time_slice_boundaries"] == [4, 8]
+
+
+def test_time_slice_drops_empty_rows(mem_root):
+    rows = [("a", "1", 1), ("a", "2", 2), ("a", "3", 3), ("a", "4", 4)] + [("b", str(k), 100 + k) for k in range(1, 9)]
+    src = write_text(f"{mem_root}/log.csv", csv_log(rows))
+    report = prepare_dataset(PrepareConfig(source=src, output=f"{mem_root}/ds", time_slices=2, num_shards=1))
+    assert report.time_slice_boundaries == [102]
+    assert by_user(split_rows(f"{mem_root}/ds", "slice-1")) == {0: ([1, 2], [1, 2]), 1: ([1, 2], [101, 102])}
+    rows = [("a", "1", t) for t in (1, 2, 3)] + [("b", "2", t) for t in (50, 51, 52)]
+    src = write_text(f"{mem_root}/log2.csv", csv_log(rows))
+    report = prepare_dataset(PrepareConfig(source=src, output=f"{mem_root}/ds2", time_slices=2, num_shards=1))
+    # b's training interaction comes after the boundary (3): b has no slice-1 row.
+    assert report.time_slice_boundaries == [3]
+    assert [r["user_id"] for r in split_rows(f"{mem_root}/ds2", "slice-1")] == [0]
+
+
+@pytest.fixture(scope="module")
+def synthetic_log(tmp_path_factory):
+    path = tmp_path_factory.mktemp("raw") / "log.parquet"
+    generate_interactions(3000, 400, seed=11, params=SyntheticParams(mean_length=12, min_length=1), path=str(path))
+    return str(path)
+
+
+def test_deterministic_bytes_and_independent_of_partitions(synthetic_log, tmp_path):
+    def run(name, **kw):
+        out = tmp_path / name
+        cfg = PrepareConfig(source=synthetic_log, output=str(out), num_shards=3, row_group_size=100, time_slices=2)
+        for k, v in kw.pop("cfg", {}).items():
+            setattr(cfg, k, v)
+        report = prepare_dataset(cfg, **kw)
+        return report, tree_digest(out)
+
+    r1, d1 = run("a")
+    _, d2 = run("b")
+    r3, d3 = run("c", num_buckets=64)
+    r4, d4 = run("d", cfg={"memory_limit_mb": 1})
+    r5, d5 = run("e", num_buckets=256, cfg={"memory_limit_mb": 1})
+    assert (r1.spill_buckets, r1.partitions, r3.spill_buckets) == (1, 1, 64)
+    assert r4.partitions > 1 and r5.partitions > 1 and r4.spill_buckets != r5.spill_buckets
+    assert r1.users_dropped > 0  # min_length=1 in the generator: some users are too short
+    assert d1 == d2 == d3 == d4 == d5
+    assert len(d1) == 3 + 3 * 5  # manifest, 2 id maps, 3 shards x 5 splits
+    # Exact row groups: every shard but the last row group holds row_group_size rows.
+    fs, root = open_fs(str(tmp_path / "a"))
+    m = read_manifest(fs, root)
+    for split in m.splits.values():
+        for shard in split.shards:
+            md = pq.ParquetFile(f"{root}/{shard.path}").metadata
+            sizes = [md.row_group(k).num_rows for k in range(md.num_row_groups)]
+            assert all(s == 100 for s in sizes[:-1]) and 0 < (sizes[-1] if sizes else 1) <= 100
+            assert (md.num_rows, md.num_row_groups) == (shard.rows, shard.row_groups)
+
+
+def test_output_matches_a_simple_in_memory_reference(synthetic_log, tmp_path):
+    out = str(tmp_path / "ds")
+    prepare_dataset(PrepareConfig(source=synthetic_log, output=out, num_shards=4), num_buckets=8)
+    t = pq.read_table(synthetic_log).to_pandas()
+    t["pos"] = np.arange(len(t))
+    expected = {}
+    users, items = read_id_map(out, "users"), read_id_map(out, "items")
+    for user, g in t.sort_values(["user", "timestamp", "pos"]).groupby("user"):
+        if len(g) >= 3:
+            expected[users[str(user)]] = ([items[str(i)] for i in g["item"]], g["timestamp"].tolist())
+    assert by_user(split_rows(out, "test")) == expected
+
+
+def test_quarantine_writes_bad_rows_aside(mem_root):
+    rows = LOG + [(None, "2", 7), ("u2", "3", "soon"), ("u1", None, 8)]
+    src = write_text(f"{mem_root}/log.csv", csv_log(rows))
+    out = f"{mem_root}/ds"
+    with pytest.raises(BadRowError, match=r"log.csv row 9 field user: null value"):
+        prepare_dataset(PrepareConfig(source=src, output=out))
+    fs, root = open_fs(out)
+    with pytest.raises(ManifestError):  # a failed prepare leaves no dataset that looks complete
+        read_manifest(fs, root)
+    report = prepare_dataset(PrepareConfig(source=src, output=out, num_shards=1), quarantine=True)
+    assert (report.rows_read, report.rows_bad, report.interactions_kept) == (12, 3, 8)
+    assert report.quarantine_path == f"{out}/_quarantine/bad_rows.parquet"
+    with fs.open(f"{root}/_quarantine/bad_rows.parquet", "rb") as f:
+        bad = pq.read_table(f).to_pylist()
+    assert [(b["row"], b["field"], b["reason"]) for b in bad] == [
+        (9, "user", "null value"),
+        (10, "timestamp", "unparsable timestamp 'soon'"),
+        (11, "item", "null value"),
+    ]
+    assert bad[1]["file"] == src and bad[1]["user"] == "u2"
+    m = read_manifest(fs, root)
+    assert m.extra["rows_bad"] == 3 and m.extra["quarantine"] == "_quarantine/bad_rows.parquet"
+    assert by_user(split_rows(out, "test")) == {0: U1, 1: U2}
+
+
+def test_rerun_replaces_previous_output(mem_root):
+    src = write_text(f"{mem_root}/log.csv", csv_log(LOG))
+    out = f"{mem_root}/ds"
+    prepare_dataset(PrepareConfig(source=src, output=out, num_shards=4, time_slices=2))
+    prepare_dataset(PrepareConfig(source=src, output=out, num_shards=1))
+    fs, root = open_fs(out)
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) == [
+        "id_maps", "manifest.json", "test", "train", "valid",
+    ]
+    assert len(fs.ls(f"{root}/train")) == 1
+
+
+def test_no_user_long_enough(mem_root):
+    src = write_text(f"{mem_root}/log.csv", csv_log([("a", "1", 1), ("b", "1", 1)]))
+    with pytest.raises(ValueError, match="no user has >= min_sequence_length=3"):
+        prepare_dataset(PrepareConfig(source=src, output=f"{mem_root}/ds"))
+
+
+def test_synthetic_source(tmp_path):
+    cfg = PrepareConfig(source="synthetic", output=str(tmp_path / "ds"), synthetic_users=200, synthetic_items=30)
+    report = prepare_dataset(cfg, cache_dir=str(tmp_path / "cache"))
+    assert report.num_users == 200 and 2 <= report.num_items <= 31
+    assert report.splits == {"train": 200, "valid": 200, "test": 200}
+
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import pyarrow as pa, pyarrow.csv as pacsv
+    from stackrec_dist.config import PrepareConfig
+    from stackrec_dist.data.prepare import prepare_dataset
+
+    def kb(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1])
+
+    src, out, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    # Warm up on a tiny log so library code pages and allocator set-up are not counted.
+    warm = pa.table({"user": [1, 1, 1], "item": [1, 2, 3], "timestamp": [1, 2, 3]})
+    pacsv.write_csv(warm, out + "-warm.csv")
+    prepare_dataset(PrepareConfig(source=out + "-warm.csv", output=out + "-warm", memory_limit_mb=limit, row_group_size=256))
+    base = kb("VmRSS")
+    r = prepare_dataset(PrepareConfig(source=src, output=out, memory_limit_mb=limit, row_group_size=256))
+    print(json.dumps({"growth_mb": (kb("VmHWM") - base) / 1024, "buckets": r.spill_buckets,
+                      "partitions": r.partitions, "interactions": r.interactions_kept, "bytes": r.input_bytes}))
+    """
+)
+
+# Fixed part of the allowance: Arrow's mimalloc pool keeps per-thread segments, plus CSV/Parquet
+# I/O buffers and the shard writers' pending row groups. Measured here: 45 MB of growth with a
+# 16 MB limit, against 270 MB when the same log is prepared in one partition.
+MEMORY_OVERHEAD_MB = 56
+
+
+def test_memory_bound(tmp_path):
+    # ~58 MB of CSV (2.8M interactions); prepared in one partition it costs ~270 MB of RSS.
+    log = generate_interactions(20000, 5000, seed=1, params=SyntheticParams(mean_length=150, max_length=400))
+    src = tmp_path / "log.csv"
+    pacsv.write_csv(log, src)
+    del log
+    limit = 16
+    proc = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(src), str(tmp_path / "out"), str(limit)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["bytes"] > 55e6 and res["interactions"] > 2_500_000
+    assert res["partitions"] > 8
+    assert res["growth_mb"] < limit + MEMORY_OVERHEAD_MB, res
+
+
+@pytest.mark.slow
+def test_s3_source_and_output_match_local(s3_dataset_root, s3_server, s3_fs, tmp_path):
+    opts = s3_server.storage_options
+    src = f"{s3_dataset_root}/raw/log.csv"
+    with s3_fs.open(src, "wb") as f:
+        f.write(csv_log(LOG + [("u2", "10", 3)]).encode())
+    out = f"{s3_dataset_root}/ds"
+    cfg = PrepareConfig(source=src, output=out, num_shards=2, row_group_size=1, time_slices=2)
+    report = prepare_dataset(cfg, storage_options=opts)
+    assert report.num_users == 2 and report.splits["test"] == 2
+    fs, root = open_fs(out, opts)
+    m = read_manifest(fs, root, verify_checksums=True)
+    assert [k for k in m.splits] == ["train", "valid", "test", "slice-1", "slice-2"]
+    # Same bytes as a local run of the same log.
+    local_src = write_text(str(tmp_path / "log.csv"), csv_log(LOG + [("u2", "10", 3)]))
+    prepare_dataset(PrepareConfig(**{**cfg.__dict__, "source": local_src, "output": str(tmp_path / "ds")}))
+    local = tree_digest(tmp_path / "ds")
+    remote = {p[len(root) + 1:]: hashlib.sha256(fs.cat(p)).hexdigest() for p in fs.find(root)}
+    assert remote.keys() == local.keys()
+    assert {k: v for k, v in remote.items() if k != "manifest.json"} == {
+        k: v for k, v in local.items() if k != "manifest.json"
+    }
+    # The manifests differ only in the recorded source.
+    ml, mr = json.loads((tmp_path / "ds" / "manifest.json").read_text()), json.loads(fs.cat(f"{root}/manifest.json"))
+    assert ml["extra"].pop("source") == local_src and mr["extra"].pop("source") == src
+    assert ml == mr
