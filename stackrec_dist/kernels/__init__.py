@@ -6,6 +6,8 @@
 - ``"torch"``: the PyTorch path (``reference.py`` on CUDA, ``CPU_IMPL`` on CPU).
 - ``"triton"``: the fused kernels; on CPU tensors only under ``TRITON_INTERPRET=1`` (slow, for tests).
 - ``"reference"``, ``"shifted"``, ``"gemm"``: one named PyTorch variant, for tests and benchmarks.
+- ``"compiled"``: ``torch.compile`` of the reference (opt-in, never picked by auto: 1.2-1.5x less
+  CPU time once compiled, but 11-27 s of cold compile per shape and per dilation).
 
 Nothing here imports Triton or touches CUDA at import time; Triton availability is probed once,
 on first need, and cached.
@@ -22,9 +24,9 @@ from stackrec_dist.kernels.reference import residual_block_reference
 
 __all__ = ["residual_block", "resolve_impl", "triton_available", "CPU_IMPL", "IMPLS"]
 
-# Decided by `python -m benchmarks.kernels --cpu` (figures in docs/benchmarks.md, reasoning in
-# docs/kernels.md): the shifted-matmul and one-GEMM variants do not beat F.conv1d by a margin that
-# survives the noise, and torch.compile costs 10-25 s of compile per shape, so the reference stays.
+# Decided by `python benchmarks/kernels.py --cpu` (figures in docs/benchmarks.md, reasoning in
+# docs/kernels.md): the shifted-matmul and one-GEMM variants do not beat F.conv1d consistently, and
+# torch.compile's 1.2-1.5x costs 11-27 s of cold compile per (shape, dilation): the reference stays.
 CPU_IMPL = "reference"
 
 _TORCH_VARIANTS = {
@@ -32,8 +34,14 @@ _TORCH_VARIANTS = {
     "shifted": residual_block_shifted,
     "gemm": residual_block_gemm,
 }
-IMPLS = ("auto", "torch", "triton", *_TORCH_VARIANTS)
+IMPLS = ("auto", "torch", "triton", "compiled", *_TORCH_VARIANTS)
 _TRITON_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_reference():
+    # Built on first use only: torch.compile at import would be a side effect (and slow).
+    return torch.compile(residual_block_reference, dynamic=False)
 
 
 @functools.lru_cache(maxsize=1)
@@ -54,6 +62,8 @@ def resolve_impl(impl: str, device: torch.device | str, dtype: torch.dtype | Non
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl in _TORCH_VARIANTS:
         return "torch" if impl == "reference" else impl
+    if impl == "compiled":
+        return impl
     if impl == "triton":
         if not triton_available():
             raise RuntimeError("impl='triton' needs the triton package (pip install 'stackrec-dist[triton]')")
@@ -86,4 +96,6 @@ def residual_block(x, mask, conv1_weight, conv1_bias, ln1_weight, ln1_bias, conv
         from stackrec_dist.kernels.triton_block import residual_block_triton
 
         return residual_block_triton(*args)
+    if name == "compiled":
+        return _compiled_reference()(*args)
     return _TORCH_VARIANTS["reference" if name == "torch" else name](*args)
