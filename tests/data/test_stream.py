@@ -480,23 +480,6 @@ def test_quarantine_counts_and_writes_aside(tmp_path):
 
 
 @pytest.mark.slow
-def test_s3_read_resume_and_server_restart(s3_server, s3_dataset_root):
-    opts = s3_server.storage_options
-    shards, targets = identified_dataset(s3_dataset_root, num_shards=4, rows=60, storage_options=opts)
-    cfg = cfg_for(s3_dataset_root, storage_options=opts, shuffle_buffer=16, num_workers=2, batch_size=4)
-    ld = build_train_loader(cfg)
-    got = []
-    restarted = False
-    for i, b in enumerate(ld):
-        got.append(b)
-        if i == 3 and not restarted:
-            s3_server.restart(down_s=1.0)  # SIGKILL mid-read; data kept on disk
-            restarted = True
-    assert restarted
-    assert sorted(received_targets(got)) == targets
-
-
-@pytest.mark.slow
 def test_s3_permanent_error_fails_clearly(s3_server, s3_dataset_root):
     opts = s3_server.storage_options
     identified_dataset(s3_dataset_root, num_shards=2, rows=10, storage_options=opts)
@@ -511,3 +494,20 @@ def test_s3_permanent_error_fails_clearly(s3_server, s3_dataset_root):
     bad = dataclasses.replace(cfg, storage_options={**opts, "secret": "wrong"})
     with pytest.raises((StorageError, PermissionError), match=r"manifest.json"):
         build_train_loader(bad)
+
+
+@pytest.mark.slow
+def test_s3_read_resume_and_server_restart(s3_server, s3_dataset_root):
+    opts = s3_server.storage_options
+    shards, targets = identified_dataset(s3_dataset_root, num_shards=4, rows=60, storage_options=opts)
+    cfg = cfg_for(s3_dataset_root, storage_options=opts, shuffle_buffer=16, num_workers=2, batch_size=4)
+    ld = build_train_loader(cfg)
+    got = []
+    restarted = False
+    for i, b in enumerate(ld):
+        got.append(b)
+        if i == 3 and not restarted:
+            s3_server.restart(down_s=1.0)  # SIGKILL mid-read; data kept on disk
+            restarted = True
+    assert restarted
+    assert sorted(received_targets(got)) == targets
