@@ -1,12 +1,12 @@
 """Submit a ``stackrec train`` job to a running Ray cluster through Ray's job server.
 
 ``stackrec submit --config configs/X.yaml [--set a.b=c ...] [--address URL] [--wait]`` packs the
-repository (minus virtual envs, run outputs and data caches) as the job's ``working_dir``, forwards
-S3 credentials from the *submitting* shell's environment as job ``env_vars``, and runs
-``python -m stackrec_dist.cli train --config <relative path> [--set ...]`` on the cluster.
+repository (minus virtual envs, run outputs and data caches) as the job's ``working_dir``, runs
+``python -m stackrec_dist.cli train --config <relative path> [--set ...]`` on the cluster and, with
+``--wait``, streams its logs and turns the final job status into the exit code.
 
 Secrets: by default no credential leaves this machine; the cluster's nodes bring their own
-(Kubernetes Secret via ``envFrom``, instance role, node environment). ``--forward-credentials``
+(Kubernetes Secret via ``secretKeyRef``, instance role, node environment). ``--forward-credentials``
 copies ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN`` from the *submitting*
 shell's environment into the job's ``runtime_env.env_vars``. This module never writes them to a file
 and never prints them: every repr, log line and tailed log chunk passes through :class:`Redactor`.
@@ -283,13 +283,13 @@ def parse_result(logs: str) -> dict[str, Any] | None:
     return fallback
 
 
-def _tail(client: Any, job_id: str, redact: Redactor, out) -> None:
+def _tail(client: Any, job_id: str, redact: Redactor, out, timeout_s: float | None) -> None:
     async def follow() -> None:
         async for chunk in client.tail_job_logs(job_id):
             out.write(redact(chunk))
             out.flush()
 
-    asyncio.run(follow())
+    asyncio.run(asyncio.wait_for(follow(), timeout_s))
 
 
 def wait_for_job(
@@ -305,18 +305,23 @@ def wait_for_job(
     """Block until the job is terminal (tailing its logs to ``out``); return the status string."""
     redact = redact or Redactor()
     out = out or sys.stdout
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     if follow_logs:
         try:
-            _tail(client, job_id, redact, out)
+            _tail(client, job_id, redact, out, timeout_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            pass  # the status check below reports it
         except Exception as err:  # the stream can drop; the status poll below still decides
             log.warning("log tail for %s ended early: %s", job_id, redact(str(err)))
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
         status = client.get_job_status(job_id)
         if status.is_terminal():
             return str(status)
         if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(f"job {job_id} still {status} after {timeout_s} s")
+            raise TimeoutError(
+                f"job {job_id} still {status} after {timeout_s} s (it keeps running; "
+                f"stop it with `ray job stop {job_id}`)"
+            )
         time.sleep(poll_s)
 
 
@@ -337,6 +342,7 @@ def submit(
     entrypoint_num_gpus: float | None = None,
     timeout_s: float | None = None,
     follow_logs: bool = True,
+    validate_config: bool = True,
     out=None,
 ) -> str | tuple[str, str]:
     """Submit the job; return its submission id, or ``(job_id, final status)`` when ``wait``."""
@@ -355,6 +361,8 @@ def submit(
         entrypoint_num_cpus=entrypoint_num_cpus,
         entrypoint_num_gpus=entrypoint_num_gpus,
     )
+    if entrypoint is None and validate_config:
+        check_config(config_path, working_dir, overrides)
     redact = Redactor([args.runtime_env.get("env_vars", {})[k] for k in args.secret_keys])
     target = resolve_address(address)
     if args.secret_keys:
@@ -362,7 +370,10 @@ def submit(
             "forwarding %s to the job: Ray records runtime_env values in the cluster's "
             "runtime_env_agent.log and job table", ", ".join(args.secret_keys))
     log.info("submitting to %s: %r", redact(target), args)
-    client = make_client(target)
+    try:
+        client = make_client(target)
+    except Exception as err:  # refused, 401 with token auth, version mismatch: Ray's message says which
+        raise SubmitError(redact(f"cannot use the Ray job server at {target}: {err}")) from None
     try:
         job_id = client.submit_job(**args.client_kwargs())
     except Exception as err:  # Ray's errors may echo the request: never let a secret through
@@ -378,8 +389,23 @@ def submit(
 
 
 def repo_root() -> Path:
-    """The checkout this module lives in (the default working_dir)."""
-    return Path(__file__).resolve().parent.parent
+    """Default working_dir: the checkout this module lives in, or the cwd for an installed package."""
+    checkout = Path(__file__).resolve().parent.parent
+    return checkout if (checkout / "pyproject.toml").is_file() else Path.cwd()
+
+
+def check_config(config_path: str | os.PathLike, working_dir: str | os.PathLike,
+                 overrides: Sequence[str]) -> None:
+    """Load the job config with its overrides here, so a typo fails before the cluster is used."""
+    from stackrec_dist.config import ConfigError, load_config
+
+    path = Path(config_path)
+    if not path.is_absolute() and not path.exists():
+        path = Path(working_dir) / path
+    try:
+        load_config(path, list(overrides))
+    except ConfigError as err:
+        raise SubmitError(f"config error: {err}") from None
 
 
 # -- command line ----------------------------------------------------------------------------
