@@ -194,13 +194,37 @@ class PrepareConfig:
     memory_limit_mb: int = _doc("Memory bound of the external partition/sort.", default=1024)
     synthetic_users: int = _doc("source=synthetic: number of users.", default=2000)
     synthetic_items: int = _doc("source=synthetic: number of items.", default=500)
-    seed: int = _doc("Seed for synthetic data and held-out user split.", default=0)
+    seed: int = _doc(
+        "Seed for synthetic data, the held-out user split and the source/target user split.", default=0
+    )
     quarantine: bool = _doc("Write bad raw rows to <output>/_quarantine/ (counted) instead of failing.", default=False)
     user_column: str = _doc("Raw log column holding the user id.", default="user")
     item_column: str = _doc("Raw log column holding the item id.", default="item")
     timestamp_column: str = _doc("Raw log column holding the timestamp.", default="timestamp")
+    user_subset: Literal["all", "source", "target"] = _doc(
+        "TF scenario: keep only one domain's users. Users are split by a seeded hash of the "
+        "original user id (seed = prepare.seed): target = the lowest target_user_fraction of the "
+        "hash range, source = the rest. The item id map (and num_items) is built over all users, "
+        "so it is identical for all, source and target (docs/data.md, Transfer (TF) split).",
+        default="all",
+    )
+    target_user_fraction: float = _doc(
+        "Fraction of users in the target domain (user_subset source/target), in (0, 1).", default=0.2
+    )
 
     def validate(self, prefix: str = "prepare") -> None:
+        _check(
+            self.user_subset in ("all", "source", "target"),
+            f"{prefix}.user_subset",
+            "must be one of ['all', 'source', 'target']",
+            self.user_subset,
+        )
+        _check(
+            isinstance(self.target_user_fraction, (int, float)) and 0 < self.target_user_fraction < 1,
+            f"{prefix}.target_user_fraction",
+            "must be in (0, 1)",
+            self.target_user_fraction,
+        )
         _check(0 < self.held_out_fraction < 0.5, f"{prefix}.held_out_fraction", "must be in (0, 0.5)", self.held_out_fraction)
         _check(self.min_sequence_length >= 3, f"{prefix}.min_sequence_length", "must be >= 3", self.min_sequence_length)
         _check(self.num_shards >= 1, f"{prefix}.num_shards", "must be >= 1", self.num_shards)

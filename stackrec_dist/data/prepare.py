@@ -26,6 +26,16 @@ histogram refinement over the spill files) and b_T = +inf. Split ``slice-k`` hol
 training row, its interactions with timestamp <= b_k (rows left empty are omitted), so
 ``slice-T`` equals ``train`` and no valid/test target leaks into any slice. ``valid``/``test`` stay
 those of the full data.
+
+Domains (TF, ``user_subset`` = ``source`` or ``target``): a user belongs to the target domain when
+``blake2b(original user id, digest 8 bytes, key = b"stackrec-domain:" + seed as 8-byte signed
+little-endian) / 2**64 < target_user_fraction`` (the digest read as a little-endian integer),
+else to the source domain; the key differs from the held-out split's, so the two splits are
+independent. Only that domain's users are kept (counted as ``users_other_domain``), but the item
+id map is the one ``user_subset = all`` builds (items touched by any user with
+>= ``min_sequence_length`` interactions), so source, target and all share item ids and
+``num_items``; users get dense ids 0..U-1 within their domain. The domain is one bool per user,
+computed between the passes: memory stays bounded as above, and the output is deterministic.
 """
 
 from __future__ import annotations
@@ -169,6 +179,25 @@ def prepare_dataset(
 
 def _hash64(text: str, key: bytes = b"") -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=key).digest(), "little")
+
+
+_DOMAIN_KEY = b"stackrec-domain:"
+
+
+def domain_of(original_user_id: str, seed: int, target_user_fraction: float) -> str:
+    """'target' or 'source': the TF domain of one user (see the module docstring)."""
+    key = _DOMAIN_KEY + int(seed).to_bytes(8, "little", signed=True)
+    return "target" if _hash64(original_user_id, key) / 2.0**64 < target_user_fraction else "source"
+
+
+def _domain_mask(cfg: PrepareConfig, names: list[str]) -> np.ndarray | None:
+    """Per provisional user: in ``cfg.user_subset``'s domain (None when every user is kept)."""
+    if cfg.user_subset == "all":
+        return None
+    key = _DOMAIN_KEY + int(cfg.seed).to_bytes(8, "little", signed=True)
+    threshold = cfg.target_user_fraction
+    target = np.fromiter((_hash64(n, key) / 2.0**64 < threshold for n in names), dtype=bool, count=len(names))
+    return target if cfg.user_subset == "target" else ~target
 
 
 def _sorted_order(ids: list[str]) -> np.ndarray:
@@ -388,14 +417,29 @@ def _exact_quantile_values(
 
 
 def _finish(cfg: PrepareConfig, s: _Pass1, fs: fsspec.AbstractFileSystem, root: str, budget_rows: int) -> PrepareReport:
-    kept = s.counts >= cfg.min_sequence_length
-    users_dropped = int((~kept).sum())
-    interactions_dropped = int(s.counts[~kept].sum())
+    # long_enough decides the item id map (shared by all domains); kept decides the rows.
+    long_enough = s.counts >= cfg.min_sequence_length
+    in_domain = _domain_mask(cfg, s.users.names)
+    if in_domain is None:
+        in_domain = np.ones(len(s.users), dtype=bool)
+    kept = long_enough & in_domain
+    users_dropped = int((~long_enough & in_domain).sum())
+    interactions_dropped = int(s.counts[~long_enough & in_domain].sum())
     interactions_kept = int(s.counts[kept].sum())
-    if not kept.any():
+    users_other_domain = int((long_enough & ~in_domain).sum())
+    interactions_other_domain = int(s.counts[long_enough & ~in_domain].sum())
+    if not long_enough.any():
         raise DataError(
             f"no user has >= min_sequence_length={cfg.min_sequence_length} valid interactions "
             f"({len(s.users)} users, {s.rows_read - s.rows_bad} valid rows)",
+            path=s.source,
+        )
+    if not kept.any():
+        raise DataError(
+            f"prepare.user_subset={cfg.user_subset!r}: no user with >= min_sequence_length="
+            f"{cfg.min_sequence_length} interactions falls in this domain "
+            f"(target_user_fraction={cfg.target_user_fraction}, seed={cfg.seed}, "
+            f"{users_other_domain} users in the other domain)",
             path=s.source,
         )
     kept_prov = np.flatnonzero(kept)
@@ -408,8 +452,8 @@ def _finish(cfg: PrepareConfig, s: _Pass1, fs: fsspec.AbstractFileSystem, root: 
     item_seen = np.zeros(len(s.items), dtype=bool)
     tmin, tmax = None, None
     for u, i, t in _iter_spill_batches(s.bucket_paths):
+        item_seen[i[long_enough[u]]] = True
         m = kept[u]
-        item_seen[i[m]] = True
         if cfg.time_slices > 1 and m.any():
             tm = t[m]
             tmin = int(tm.min()) if tmin is None else min(tmin, int(tm.min()))
@@ -496,6 +540,14 @@ def _finish(cfg: PrepareConfig, s: _Pass1, fs: fsspec.AbstractFileSystem, root: 
             "quarantine": "_quarantine/bad_rows.parquet" if s.rows_bad else None,
             "users_dropped": users_dropped,
             "interactions_dropped": interactions_dropped,
+            "user_subset": cfg.user_subset,
+            "target_user_fraction": cfg.target_user_fraction if cfg.user_subset != "all" else None,
+            "domain_hash": (
+                "blake2b-64(original user id, key=b'stackrec-domain:' + int64le(seed)) / 2**64 "
+                "< target_user_fraction -> target, else source"
+            ) if cfg.user_subset != "all" else None,
+            "users_other_domain": users_other_domain,
+            "interactions_other_domain": interactions_other_domain,
         },
     )
     write_manifest(fs, root, manifest)
@@ -545,11 +597,14 @@ def _emit_group(
     offsets = np.concatenate([starts, [len(u)]])
     users = u[starts]
     shard = _shard_of(h[starts], cfg.num_shards)
+    domain = None if cfg.user_subset == "all" else cfg.user_subset
 
     def rows(name: str, sel_users: np.ndarray, offs: np.ndarray, vmask: np.ndarray | None, k: int = 0) -> None:
         items = i if vmask is None else i[vmask]
         ts = t if vmask is None else t[vmask]
-        writers[name].write(sequence_table(users[sel_users], offs, items, ts, time_slice=k), shard[sel_users])
+        writers[name].write(
+            sequence_table(users[sel_users], offs, items, ts, time_slice=k, domain=domain), shard[sel_users]
+        )
 
     if cfg.split == "leave_last_out":
         all_users = np.arange(len(users))
@@ -631,6 +686,14 @@ def main_summary(report: PrepareReport) -> str:
         f"  {report.wall_s:.1f} s, peak RSS {report.peak_rss_mb:.0f} MB, {report.spill_buckets} spill buckets, "
         f"{report.partitions} partitions",
     ]
+    manifest = report.extra.get("manifest")
+    extra = getattr(manifest, "extra", None) or {}
+    if extra.get("user_subset", "all") != "all":
+        lines.append(
+            f"  domain {extra['user_subset']} (target_user_fraction {extra['target_user_fraction']}, "
+            f"seed {extra['seed']}): {extra['users_other_domain']} users of the other domain left out; "
+            f"item ids shared by all domains"
+        )
     if report.time_slice_boundaries:
         lines.append(f"  time slice boundaries {report.time_slice_boundaries}")
     return "\n".join(lines)

@@ -331,3 +331,105 @@ def test_s3_source_and_output_match_local(s3_dataset_root, s3_server, s3_fs, tmp
     ml, mr = json.loads((tmp_path / "ds" / "manifest.json").read_text()), json.loads(fs.cat(f"{root}/manifest.json"))
     assert ml["extra"].pop("source") == local_src and mr["extra"].pop("source") == src
     assert ml == mr
+
+
+# -- TF: source / target domains -------------------------------------------------------------
+
+
+def _domain_prepare(tmp_path, subset, name=None, **kw):
+    out = tmp_path / (name or subset)
+    cfg = PrepareConfig(source="synthetic", output=str(out), synthetic_users=400, synthetic_items=60,
+                        num_shards=2, row_group_size=64, user_subset=subset, **kw)
+    report = prepare_dataset(cfg, cache_dir=str(tmp_path / "cache"))
+    return report, str(out)
+
+
+@pytest.fixture(scope="module")
+def tf_domains(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tf")
+    return {subset: _domain_prepare(tmp, subset) for subset in ("all", "source", "target")}
+
+
+def test_domains_are_disjoint_and_cover_all_users(tf_domains):
+    ids = {k: set(read_id_map(out, "users")) for k, (_, out) in tf_domains.items()}
+    assert ids["source"].isdisjoint(ids["target"])
+    assert ids["source"] | ids["target"] == ids["all"]
+    for k, (report, out) in tf_domains.items():
+        assert report.num_users == len(ids[k])
+        rows = split_rows(out, "test")
+        assert len(rows) == report.num_users  # every kept user has its leave-last-out rows
+        assert {r["domain"] for r in rows} == {None if k == "all" else k}
+    # Users keep their original sequences: compare one user's test row through the id maps.
+    all_users, src_users = read_id_map(tf_domains["all"][1], "users"), read_id_map(tf_domains["source"][1], "users")
+    some = sorted(ids["source"])[:5]
+    rows_all, rows_src = by_user(split_rows(tf_domains["all"][1], "test")), by_user(split_rows(tf_domains["source"][1], "test"))
+    assert [rows_all[all_users[u]] for u in some] == [rows_src[src_users[u]] for u in some]
+
+
+def test_domains_share_one_item_id_map(tf_domains):
+    maps = {k: read_id_map(out, "items") for k, (_, out) in tf_domains.items()}
+    assert maps["source"] == maps["target"] == maps["all"]
+    nums = {k: r.num_items for k, (r, _) in tf_domains.items()}
+    assert nums["source"] == nums["target"] == nums["all"] == len(maps["all"]) + 1
+    for k, (report, out) in tf_domains.items():
+        fs, root = open_fs(out)
+        extra = read_manifest(fs, root).extra
+        assert (extra["user_subset"], extra["seed"]) == (k, 0)
+        assert extra["target_user_fraction"] == (None if k == "all" else 0.2)
+    # The target holds fewer items than the catalogue: ids are shared, not renumbered per domain.
+    used = {i for r in split_rows(tf_domains["target"][1], "test") for i in r["item_ids"]}
+    assert max(used) < nums["target"]
+
+
+def test_domain_fraction_roughly_respected(tf_domains):
+    n_all = tf_domains["all"][0].num_users
+    n_target = tf_domains["target"][0].num_users
+    assert n_target + tf_domains["source"][0].num_users == n_all
+    assert 0.13 < n_target / n_all < 0.27  # 400 users, expected 0.2 (binomial sd 0.02)
+    _, extra_out = tf_domains["target"]
+    fs, root = open_fs(extra_out)
+    assert read_manifest(fs, root).extra["users_other_domain"] == n_all - n_target
+
+
+def test_domain_split_deterministic_and_seeded(tf_domains, tmp_path):
+    _, again = _domain_prepare(tmp_path, "target", name="again")
+    assert tree_digest(Path(again)) == tree_digest(Path(tf_domains["target"][1]))
+    # The memory budget (spill fan-out, partitions) does not change a byte.
+    _, budget = _domain_prepare(tmp_path, "source", name="budget", memory_limit_mb=1)
+    assert tree_digest(Path(budget)) == tree_digest(Path(tf_domains["source"][1]))
+    # A larger fraction takes a larger part of the same hash range: the targets nest.
+    _, half = _domain_prepare(tmp_path, "target", name="half", target_user_fraction=0.5)
+    assert set(read_id_map(tf_domains["target"][1], "users")) < set(read_id_map(half, "users"))
+
+
+def test_domain_split_of_a_small_log(mem_root):
+    from stackrec_dist.data.prepare import domain_of
+
+    # With seed 0 and fraction 0.5, u1 falls in the target and u2 in the source (u3 is too short).
+    assert [domain_of(u, 0, 0.5) for u in ("u1", "u2")] == ["target", "source"]
+    src = write_text(f"{mem_root}/log.csv", csv_log(LOG))
+    for subset, user, rows in (("target", "u1", U1), ("source", "u2", U2)):
+        out = f"{mem_root}/{subset}"
+        report = prepare_dataset(PrepareConfig(source=src, output=out, num_shards=1, user_subset=subset,
+                                               target_user_fraction=0.5))
+        assert read_id_map(out, "users") == {user: 0}
+        assert read_id_map(out, "items") == {"2": 1, "3": 2, "7": 3, "10": 4}  # as with user_subset=all
+        assert report.num_items == 5 and by_user(split_rows(out, "test")) == {0: rows}
+    # Seed 1 puts both users in the source: an empty target is an error naming the field.
+    assert [domain_of(u, 1, 0.5) for u in ("u1", "u2")] == ["source", "source"]
+    with pytest.raises(ValueError, match=r"prepare.user_subset='target': no user"):
+        prepare_dataset(PrepareConfig(source=src, output=f"{mem_root}/empty", user_subset="target",
+                                      target_user_fraction=0.5, seed=1))
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, 1.5])
+def test_bad_target_user_fraction_is_rejected(bad, tmp_path):
+    from stackrec_dist.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match=r"prepare\.target_user_fraction must be in \(0, 1\)"):
+        config_from_dict({"prepare": {"target_user_fraction": bad}})
+    with pytest.raises(ConfigError, match=r"prepare\.target_user_fraction"):
+        prepare_dataset(PrepareConfig(source="synthetic", output=str(tmp_path / "x"), target_user_fraction=bad,
+                                      user_subset="target"))
+    with pytest.raises(ConfigError, match=r"prepare\.user_subset must be one of"):
+        config_from_dict({"prepare": {"user_subset": "both"}})
