@@ -321,6 +321,7 @@ class Coordinator:
             if stage.action == "train":
                 job = stage_job_config(self.cfg, stage, blocks, num_items, stage_dir)
                 current, metrics = self.runner.train(job, current, stage_dir)
+                metrics = {**metrics, "data_path": job.data.path}
                 maybe_crash("after_train", stage.name)
             elif stage.action == "grow":
                 if current is None:

@@ -29,6 +29,7 @@ def validation_curve(state: PlanState) -> list[dict[str, float]]:
         history = record.metrics.get("history", [])
         for point in history:
             curve.append({**point, "stage": record.name, "blocks": record.blocks,
+                          "data_path": record.metrics.get("data_path", ""), "stage_start_s": offset_s,
                           "wall_s": offset_s + point["elapsed_s"], "global_step": offset_steps + point["step"]})
         offset_s += record.elapsed_s
         offset_steps += int(record.metrics.get("steps", 0))

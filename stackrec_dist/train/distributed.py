@@ -56,18 +56,39 @@ def import_deepspeed(use_gpu: bool):
     return deepspeed
 
 
-@contextlib.contextmanager
-def _scalar_params_as_vectors(module: torch.nn.Module):
-    """Work around DeepSpeed 0.19.8 failing on 0-dim parameters (our per-block ``alpha``).
+# DeepSpeed 0.19.8 fails on 0-dim parameters (our per-block ``alpha``): at initialisation it
+# broadcasts ``p.data.view(torch.uint8)``, which raises "self.dim() cannot be 0 to view Float as
+# Byte" (engine ``_broadcast_model`` at every ZeRO stage; ``Init._zero_init_param`` at ZeRO-3).
 
-    At initialisation DeepSpeed broadcasts ``p.data.view(torch.uint8)`` (engine
-    ``_broadcast_model`` at every stage, ``Init._zero_init_param`` at ZeRO-3), which raises
-    "self.dim() cannot be 0 to view Float as Byte" for a scalar. During ``deepspeed.initialize``
-    each 0-dim parameter is given a 1-element view of its own storage; afterwards its 0-dim shape
-    is restored (ZeRO-3: ``ds_shape``, which gathers use, so gathered params, state dicts and
-    checkpoint ``param_shapes`` all say ``()`` again; ZeRO 0-2: a 0-dim view of the same memory,
-    which may by then be a slice of DeepSpeed's flat buffer).
-    """
+
+def _patch_engine_broadcast(deepspeed) -> None:
+    """Stages 0-2: around ``_broadcast_model`` only, give each 0-dim parameter a 1-element view
+    of its own storage (the broadcast writes into the real parameter), then put the 0-dim tensor
+    back. Shapes seen by the optimizer, state dicts and checkpoints never change."""
+    engine_cls = deepspeed.runtime.engine.DeepSpeedEngine
+    original = engine_cls._broadcast_model
+    if getattr(original, "_stackrec_scalar_safe", False):
+        return
+
+    def _broadcast_model(self):
+        scalars = [(p, p.data) for p in self.module.parameters() if p.data.dim() == 0]
+        for p, data in scalars:
+            p.data = data.reshape(1)
+        try:
+            original(self)
+        finally:
+            for p, data in scalars:
+                p.data = data
+
+    _broadcast_model._stackrec_scalar_safe = True
+    engine_cls._broadcast_model = _broadcast_model
+
+
+@contextlib.contextmanager
+def _zero3_scalar_params(module: torch.nn.Module):
+    """Stage 3: partition 0-dim parameters as 1-element vectors, then record their true shape
+    in ``ds_shape`` (what every later gather uses), so gathered parameters, state dicts and the
+    checkpoint's ``param_shapes`` all say ``()`` again."""
     scalars = [p for p in module.parameters() if p.dim() == 0]
     for p in scalars:
         p.data = p.data.reshape(1)
@@ -84,7 +105,9 @@ def _scalar_params_as_vectors(module: torch.nn.Module):
 def deepspeed_initialize(model: torch.nn.Module, optimizer, lr_scheduler, config: dict[str, Any], use_gpu: bool):
     """``deepspeed.initialize`` on the already-initialised process group -> (engine, scheduler)."""
     deepspeed = import_deepspeed(use_gpu)
-    with _scalar_params_as_vectors(model):
+    _patch_engine_broadcast(deepspeed)
+    stage3 = config.get("zero_optimization", {}).get("stage", 0) == 3
+    with _zero3_scalar_params(model) if stage3 else contextlib.nullcontext():
         engine, _, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config,
             dist_init_required=False,

@@ -1,4 +1,5 @@
-"""Ray Train assembly: ``run_distributed(job_cfg) -> Result`` (TorchTrainer running DeepSpeed workers).
+"""Ray Train assembly: ``run_distributed(job) -> summary dict`` / ``fit_distributed(job) -> ray.train.Result``
+(a TorchTrainer running DeepSpeed workers).
 
 Ray connection: ``distributed.address`` or ``$RAY_ADDRESS`` -> connect to that cluster; neither ->
 start an embedded local Ray bound to 127.0.0.1 with a small object store (``object_store_mb``),
@@ -6,8 +7,8 @@ shut down again when the run ends. A Ray already initialised by the caller (test
 cluster per session) is used as is.
 
 Storage: ``distributed.storage_path`` is a local directory or ``s3://bucket/prefix``; for S3 the
-filesystem is built by the data package's fsspec layer from ``data.storage_options`` (same endpoint
-and credentials as the dataset) and handed to Ray as a pyarrow filesystem.
+filesystem is built by the data package's fsspec layer (from ``data.storage_options`` when the
+dataset is on S3 too, else from the AWS_* environment) and handed to Ray as a pyarrow filesystem.
 """
 
 from __future__ import annotations
@@ -72,12 +73,16 @@ def storage_for(job: JobConfig) -> tuple[str, Any]:
         return str(Path(local).resolve()), None
     from stackrec_dist.data.storage import arrow_fs, open_fs
 
-    fs, inside = open_fs(path, job.data.storage_options)
+    # The dataset's storage options (endpoint, credentials) when it lives on the same kind of
+    # store; otherwise the environment's (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
+    same_store = job.data.path.split("://", 1)[0] == path.split("://", 1)[0]
+    fs, inside = open_fs(path, job.data.storage_options if same_store else {})
     return inside, arrow_fs(fs)
 
 
-def build_trainer(job: JobConfig, options: WorkerOptions | None = None, resume_from: Any = None):
-    """The TorchTrainer of a job (not started)."""
+def build_trainer(job: JobConfig, options: WorkerOptions | None = None, resume_from: Any = None,
+                  init_state: Any = None):
+    """The TorchTrainer of a job (not started). ``init_state``: an ObjectRef of initial weights."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -87,7 +92,7 @@ def build_trainer(job: JobConfig, options: WorkerOptions | None = None, resume_f
     job = absolutize(job)
     storage_path, storage_fs = storage_for(job)
     options = options or WorkerOptions()
-    loop_config = {"job": config_to_dict(job), "options": dataclasses.asdict(options)}
+    loop_config = {"job": config_to_dict(job), "options": dataclasses.asdict(options), "init_state": init_state}
     scaling = ScalingConfig(
         num_workers=dist.num_workers,
         use_gpu=dist.use_gpu,
@@ -115,12 +120,27 @@ def build_trainer(job: JobConfig, options: WorkerOptions | None = None, resume_f
     )
 
 
-def run_distributed(job: JobConfig, options: WorkerOptions | None = None, resume_from: Any = None):
-    """Run the job on Ray; returns the ``ray.train.Result`` (``.metrics`` = last report of rank 0,
-    ``.checkpoint`` = latest checkpoint, ``.path`` = run directory in storage)."""
+def fit_distributed(job: JobConfig, options: WorkerOptions | None = None, resume_from: Any = None,
+                    init_checkpoint: str | Path | None = None):
+    """Run the job on Ray -> ``ray.train.Result`` (``.metrics`` = rank 0's metrics of the latest
+    checkpoint, ``.checkpoint`` = latest checkpoint, ``.path`` = run directory in storage).
+
+    ``init_checkpoint``: a model checkpoint (single-process ``model.pt`` directory or a DeepSpeed one
+    of any stage/world size, e.g. a freshly grown model) whose weights and model config start the run;
+    the weights travel to the workers through the object store (works on a remote cluster too).
+    """
     started = init_ray(job)
     try:
-        trainer = build_trainer(job, options, resume_from)
+        init_state = None
+        if init_checkpoint is not None:
+            import ray
+
+            from stackrec_dist.growth.model_checkpoint import open_model_checkpoint
+
+            ckpt = open_model_checkpoint(init_checkpoint)
+            job = dataclasses.replace(job, model=ckpt.model_config)
+            init_state = ray.put(ckpt.state_dict())
+        trainer = build_trainer(job, options, resume_from, init_state)
         result = trainer.fit()
     finally:
         if started:
@@ -128,3 +148,34 @@ def run_distributed(job: JobConfig, options: WorkerOptions | None = None, resume
 
             ray.shutdown()
     return result
+
+
+def local_checkpoint_dir(job: JobConfig, result) -> Path | None:
+    """The latest checkpoint as a local directory (downloaded under train.checkpoint_dir from S3)."""
+    if result.checkpoint is None:
+        return None
+    import pyarrow.fs as pafs
+
+    if isinstance(result.checkpoint.filesystem, pafs.LocalFileSystem):
+        return Path(result.checkpoint.path)
+    target = Path(job.train.checkpoint_dir).resolve() / job.name / Path(result.checkpoint.path).name
+    if not target.exists():
+        result.checkpoint.to_directory(str(target))
+    return target
+
+
+def run_distributed(job: JobConfig, options: WorkerOptions | None = None, resume_from: Any = None,
+                    init_checkpoint: str | Path | None = None) -> dict[str, Any]:
+    """Run the job on Ray; returns a JSON-able summary: the final metrics (``train/loss``,
+    ``valid/*``, ``step``, ``epoch``, ``best_valid_ndcg@5``, ``best_step``, ...), ``checkpoint`` (local
+    directory of the latest checkpoint: DeepSpeed shards + ``model_config.json`` +
+    ``best-model.pt``) and ``run_path`` (the Ray run directory in storage)."""
+    result = fit_distributed(job, options, resume_from, init_checkpoint)
+    if result.error is not None:
+        raise result.error
+    checkpoint = local_checkpoint_dir(job, result)
+    return {
+        **(result.metrics or {}),
+        "checkpoint": str(checkpoint) if checkpoint is not None else None,
+        "run_path": result.path,
+    }

@@ -44,13 +44,14 @@ import torch
 
 from stackrec_dist.config import EvalConfig, JobConfig, config_from_dict, config_to_dict
 from stackrec_dist.train import distributed as D
-from stackrec_dist.train.deepspeed_config import build_deepspeed_config
+from stackrec_dist.train.deepspeed_config import build_deepspeed_config, client_clip_norm
 
 log = logging.getLogger(__name__)
 
 EARLY_STOP_METRIC = "ndcg@5"
 TRAIN_STATE_FILE = "train_state.json"
 BEST_MODEL_FILE = "best-model.pt"
+MODEL_CONFIG_FILE = "model_config.json"
 CURSOR_FILE = "cursor-rank{rank}.json"
 
 
@@ -61,7 +62,13 @@ class WorkerOptions:
     data_source: str = "stream"  # "stream" (the Parquet reader) or "synthetic" (in-memory batches)
     synthetic_steps_per_epoch: int = 20  # data_source=synthetic: global batches per epoch
     evaluate: bool = True  # validate (and early-stop) at each checkpoint
-    checkpoint: bool = True  # save + report a checkpoint at each validation point
+    # Save + report a checkpoint at each validation point. False: metrics-only reports, which
+    # Ray Train V2 does not keep: Result.metrics is the metrics of the latest *checkpoint*.
+    checkpoint: bool = True
+    # Block after each checkpoint report until Ray's controller has registered it (it polls
+    # workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S = 2 s): a worker dying inside that window
+    # would otherwise lose the checkpoint, and the run would resume from an older one.
+    wait_for_commit: bool = True
     consumed_log_dir: str = ""  # per-rank JSONL of the windows consumed at each step (tests)
     fail_at_step: int = 0  # test hook: rank `fail_rank` dies right after this step, once
     fail_rank: int = 1
@@ -182,7 +189,7 @@ def evaluate_distributed(model: torch.nn.Module, batches: Iterable[dict[str, tor
 
 
 class WorkerLoop:
-    def __init__(self, job: JobConfig, options: WorkerOptions):
+    def __init__(self, job: JobConfig, options: WorkerOptions, init_state: dict[str, torch.Tensor] | None = None):
         self.job, self.options = job, options
         dist_cfg = job.distributed
         self.ctx = D.init_worker(dist_cfg)
@@ -203,6 +210,10 @@ class WorkerLoop:
         self.model_cfg = model_cfg
         self.zero3 = dist_cfg.zero_stage == 3
         model = build_model(model_cfg)  # same seed on every rank: identical initial weights
+        if init_state is not None:
+            # Initial weights (e.g. a freshly grown model), loaded strictly before DeepSpeed
+            # partitions the model; a Ray checkpoint to resume from overrides them in fit().
+            model.load_state_dict(init_state)
         objective = RecommenderLoss(model, job.loss)
         if self.zero3:
             # The loss reads head.weight/bias directly (not via head.forward).
@@ -215,11 +226,12 @@ class WorkerLoop:
         else:
             from stackrec_dist.train.data_info import steps_per_epoch
 
-            self.steps_per_epoch = steps_per_epoch(job.data)
+            self.steps_per_epoch = steps_per_epoch(job.data, job.data.train_split)
         self.total_steps = job.train.max_steps or max(1, math.ceil(job.train.epochs * self.steps_per_epoch))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(job.optim, self.total_steps))
         ds_config = build_deepspeed_config(dist_cfg, job.optim, job.data, dist_cfg.use_gpu, self.ctx.world_size)
         self.accum = dist_cfg.gradient_accumulation_steps
+        self.client_clip = client_clip_norm(dist_cfg, job.optim)
         self.engine, self.scheduler = D.deepspeed_initialize(objective, optimizer, scheduler, ds_config,
                                                              dist_cfg.use_gpu)
         self.model = self.engine.module.model
@@ -239,7 +251,7 @@ class WorkerLoop:
                                     self.options.synthetic_steps_per_epoch, job.data.seed, ctx.rank, ctx.world_size)
         from stackrec_dist.data.stream import build_train_loader
 
-        return build_train_loader(job.data, "train", rank=ctx.rank, world_size=ctx.world_size)
+        return build_train_loader(job.data, job.data.train_split, rank=ctx.rank, world_size=ctx.world_size)
 
     def _eval_batches(self, split: str):
         from stackrec_dist.data.stream import iter_eval_batches
@@ -279,6 +291,8 @@ class WorkerLoop:
             train_state = {**self.state.state_dict(), "model_config": config_to_dict(self.model_cfg),
                            "world_size": self.ctx.world_size, "zero_stage": self.job.distributed.zero_stage}
             (directory / TRAIN_STATE_FILE).write_text(json.dumps(train_state))
+            # For the growth coordinator (growth/model_checkpoint.py reads it next to the shards).
+            (directory / MODEL_CONFIG_FILE).write_text(json.dumps(config_to_dict(self.model_cfg)))
             if self.best_state is not None:
                 torch.save(self.best_state, directory / BEST_MODEL_FILE)
 
@@ -348,6 +362,8 @@ class WorkerLoop:
         for (x, y), n in zip(micro, counts):
             loss = self.engine(x, y)
             self.engine.backward(loss * (n.item() * scale))
+            if self.client_clip > 0 and self.engine.is_gradient_accumulation_boundary():
+                torch.nn.utils.clip_grad_norm_(self.engine.module.parameters(), self.client_clip)
             self.engine.step()
             loss_sum += loss.detach().to(torch.float64) * n
         return D.all_reduce_sum(loss_sum.reshape(1), device=device).item() / total
@@ -400,6 +416,8 @@ class WorkerLoop:
             self.save(directory)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
                              checkpoint_dir_name=f"checkpoint-{self.state.tag}")
+            if self.options.wait_for_commit and hasattr(ray.train, "get_all_reported_checkpoints"):  # Train V2
+                ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
@@ -417,7 +435,14 @@ class WorkerLoop:
     def _validation_point(self, running_loss: float, steps_since: int) -> None:
         metrics: dict[str, Any] = {"train/loss": running_loss / max(steps_since, 1),
                                    "lr": float(self.scheduler.get_last_lr()[0]),
-                                   "elapsed_s": self.state.elapsed_s}
+                                   "elapsed_s": self.state.elapsed_s, "torch_threads": torch.get_num_threads()}
+        times = sorted(getattr(self, "step_times", []))
+        if times:
+            # Median wall time of an optimizer step since the last report (robust to warm-up).
+            median = times[len(times) // 2]
+            metrics["train/step_time_s"] = median
+            metrics["train/sequences_per_s"] = self.job.data.batch_size / median
+            self.step_times = []
         if self.options.evaluate:
             valid = self.validate()
             self._after_validation(valid)
@@ -445,12 +470,16 @@ class WorkerLoop:
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
                 self.load(Path(directory))
+        elif self.consumed_path is not None and self.consumed_path.exists():
+            self.consumed_path.unlink()  # a (re)start from scratch consumes everything again
         cfg = self.job.train
         eval_every = cfg.eval_every or self.steps_per_epoch
         start = time.perf_counter() - self.state.elapsed_s
         running, since = 0.0, 0
+        self.step_times: list[float] = []
         while not self._should_stop():
             batch = self._next_batch()
+            t0 = time.perf_counter()
             loss = self.train_step(batch)
             if loss is None:
                 # Every rank has read its share of the epoch; the loaders start the next one.
@@ -463,6 +492,7 @@ class WorkerLoop:
             self._maybe_fail()
             if not math.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss} at step {self.state.step}")
+            self.step_times.append(time.perf_counter() - t0)
             running, since = running + loss, since + 1
             self.state.elapsed_s = time.perf_counter() - start
             if self.state.step % eval_every == 0:
@@ -474,11 +504,17 @@ class WorkerLoop:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``config = {"job": JobConfig dict, "options": WorkerOptions dict}``."""
+    """Ray Train entry point. ``config = {"job": JobConfig dict, "options": WorkerOptions dict,
+    "init_state": ObjectRef of a model state dict or None}``."""
     job = config_from_dict(config["job"], source="<train_loop_config>")
     options = WorkerOptions.from_dict(config.get("options"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    loop = WorkerLoop(job, options)
+    init_state = config.get("init_state")
+    if init_state is not None:
+        import ray
+
+        init_state = ray.get(init_state)  # an ObjectRef of the initial weights
+    loop = WorkerLoop(job, options, init_state)
     try:
         loop.fit()
     finally:
