@@ -327,6 +327,8 @@ class StageConfig:
     train_split: str = _doc("Split a train stage trains on ('' = data.train_split), e.g. slice-1.", default="")
     max_steps: int = _doc("Steps of a train stage (0 = train.max_steps / epochs).", default=0)
     epochs: float = _doc("Epochs of a train stage when max_steps = 0 (0 = train.epochs).", default=0.0)
+    num_workers: int = _doc("Ray workers of a train stage (-1 = distributed.num_workers).", default=-1)
+    zero_stage: int = _doc("DeepSpeed ZeRO stage of a train stage (-1 = distributed.zero_stage).", default=-1)
 
 
 @dataclass

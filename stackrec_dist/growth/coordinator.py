@@ -151,17 +151,22 @@ class LocalRunner:
             trainer.load(last)
         summary = trainer.fit()
         summary["history"] = trainer.state.history
-        return stage_dir / "best", summary
+        # The stage's result is its final weights (``last``), as for the Ray runner: TS stages stop
+        # on purpose before convergence, and the next stage grows what training ended with.
+        return last, summary
 
 
 class RayRunner:
-    """Ray Train + DeepSpeed workers; the checkpoint handed back is the DeepSpeed one."""
+    """Ray Train + DeepSpeed workers; the checkpoint handed on is the ZeRO-partitioned one."""
 
     def train(self, cfg: JobConfig, init_checkpoint: Path | None, stage_dir: Path) -> tuple[Path, dict[str, Any]]:
         from stackrec_dist.train.ray_job import run_distributed
+        from stackrec_dist.train.worker import TRAIN_STATE_FILE
 
         result = run_distributed(cfg, init_checkpoint=init_checkpoint)
-        return Path(result["checkpoint"]), result
+        checkpoint = Path(result["checkpoint"])
+        state = json.loads((checkpoint / TRAIN_STATE_FILE).read_text())
+        return checkpoint, {**result, "steps": state["step"], "history": state.get("history", [])}
 
 
 # -- grow / new head -----------------------------------------------------------------------------
@@ -273,14 +278,21 @@ def stage_job_config(cfg: JobConfig, stage: StageConfig, blocks: int, num_items:
         epochs=stage.epochs or cfg.train.epochs,
     )
     model = dataclasses.replace(cfg.model, num_blocks=blocks, num_items=num_items or cfg.model.num_items)
-    return dataclasses.replace(cfg, data=data, train=train, model=model, plan=[])
+    distributed = dataclasses.replace(
+        cfg.distributed,
+        num_workers=cfg.distributed.num_workers if stage.num_workers < 0 else stage.num_workers,
+        zero_stage=cfg.distributed.zero_stage if stage.zero_stage < 0 else stage.zero_stage,
+    )
+    # One Ray run per stage: its own name, so stages never resume each other's checkpoints.
+    return dataclasses.replace(cfg, name=f"{cfg.name}-{stage.name}", data=data, train=train, model=model,
+                               distributed=distributed, plan=[])
 
 
 class Coordinator:
     def __init__(self, cfg: JobConfig, run_dir: str | Path, runner: StageRunner | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.runner = runner or (RayRunner() if cfg.distributed.num_workers > 0 else LocalRunner())
+        self.runner = runner
 
     def _load_verified_state(self) -> PlanState:
         """Recorded stages, cut at the first whose output no longer verifies (it is redone)."""
@@ -320,7 +332,8 @@ class Coordinator:
             metrics: dict[str, Any] = {}
             if stage.action == "train":
                 job = stage_job_config(self.cfg, stage, blocks, num_items, stage_dir)
-                current, metrics = self.runner.train(job, current, stage_dir)
+                runner = self.runner or (RayRunner() if job.distributed.num_workers > 0 else LocalRunner())
+                current, metrics = runner.train(job, current, stage_dir)
                 metrics = {**metrics, "data_path": job.data.path}
                 maybe_crash("after_train", stage.name)
             elif stage.action == "grow":
