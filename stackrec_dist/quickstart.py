@@ -9,10 +9,9 @@ in miniature), so the table shows what stacking bought.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
-from stackrec_dist.config import JobConfig
+from stackrec_dist.config import JobConfig, StageConfig
 
 # Embedded defaults of the quickstart, applied before the user's --set overrides: a budget that
 # trains MovieLens-100K to a meaningful NDCG on two CPU cores in a few minutes.
@@ -27,6 +26,10 @@ QUICKSTART_DEFAULTS = [
     "train.epochs=16",
     "train.patience=3",
     "train.checkpoint_dir=runs/quickstart",
+    # Through the production path: an embedded local Ray, one DeepSpeed worker (ZeRO-0; on a
+    # GPU machine it takes the GPU, bf16).
+    "distributed.num_workers=1",
+    "distributed.storage_path=runs/quickstart/ray",
 ]
 
 
@@ -37,47 +40,46 @@ def _prepared(cfg: JobConfig) -> bool:
     return fs.exists(f"{root}/manifest.json")
 
 
+def quickstart_plans(cfg: JobConfig) -> dict[str, JobConfig]:
+    """The stacked TS run (k blocks for half the epochs, grow, 2k blocks for the rest) and the
+    from-scratch 2k-block baseline with the same epoch budget."""
+    deep = cfg.model.num_blocks
+    shallow = max(1, deep // 2)
+    half = cfg.train.epochs / 2
+    root = Path(cfg.train.checkpoint_dir)
+    stacked = dataclasses.replace(
+        cfg, name=f"{cfg.name}-stacked", model=dataclasses.replace(cfg.model, num_blocks=shallow),
+        train=dataclasses.replace(cfg.train, checkpoint_dir=str(root / "stacked")),
+        plan=[StageConfig(name=f"train-{shallow}", action="train", epochs=half),
+              StageConfig(name=f"grow-{deep}", action="grow"),
+              StageConfig(name=f"train-{deep}", action="train", epochs=half)],
+    )
+    scratch = dataclasses.replace(
+        cfg, name=f"{cfg.name}-scratch",
+        train=dataclasses.replace(cfg.train, checkpoint_dir=str(root / "scratch")),
+        plan=[StageConfig(name=f"train-{deep}", action="train", epochs=cfg.train.epochs)],
+    )
+    return {f"StackRec {shallow}->{deep} ({cfg.growth.method}, {cfg.growth.alpha_policy})": stacked,
+            f"NextItNet-{deep} from scratch": scratch}
+
+
 def run_quickstart(cfg: JobConfig) -> int:
     from stackrec_dist.cli import emit_result, print_metrics_table
     from stackrec_dist.data.prepare import prepare_dataset
-    from stackrec_dist.growth.grow import grow_model
-    from stackrec_dist.train.trainer import Trainer
+    from stackrec_dist.scenarios import run_plan
+    from stackrec_dist.scenarios.report import load_summary, markdown_table
 
     if not _prepared(cfg):
         print(prepare_dataset(dataclasses.replace(cfg.prepare, output=cfg.data.path), cfg.data.storage_options))
-
-    deep_blocks = cfg.model.num_blocks
-    shallow_blocks = max(1, deep_blocks // 2)
-    total_steps = cfg.train.max_steps or 0
-    run_root = Path(cfg.train.checkpoint_dir)
-
-    def stage_cfg(name: str, blocks: int, steps_fraction: float) -> JobConfig:
-        train = dataclasses.replace(
-            cfg.train,
-            checkpoint_dir=str(run_root / name),
-            max_steps=int(total_steps * steps_fraction) if total_steps else 0,
-            epochs=cfg.train.epochs * steps_fraction,
-        )
-        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_blocks=blocks), train=train)
-
-    rows, summary = {}, {}
-
-    t0 = time.perf_counter()
-    shallow = Trainer(stage_cfg(f"stack-{shallow_blocks}", shallow_blocks, 0.5))
-    shallow.fit()
-    grown = grow_model(shallow.model, cfg.growth, seed=cfg.train.seed)
-    stacked = Trainer(stage_cfg(f"stack-{deep_blocks}", deep_blocks, 0.5), model=grown)
-    stacked.fit()
-    rows[f"StackRec {shallow_blocks}->{deep_blocks} ({cfg.growth.method})"] = stacked.validate("test")
-    summary["stacked_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    scratch = Trainer(stage_cfg(f"scratch-{deep_blocks}", deep_blocks, 1.0))
-    scratch.fit()
-    rows[f"NextItNet-{deep_blocks} from scratch"] = scratch.validate("test")
-    summary["scratch_s"] = time.perf_counter() - t0
-
-    print_metrics_table(f"{cfg.name}: test split of {cfg.data.path}", rows, cfg.eval.ks)
-    print(f"wall-clock: stacked {summary['stacked_s']:.1f}s, from scratch {summary['scratch_s']:.1f}s")
-    emit_result({**summary, **{f"{name}/{k}": v for name, m in rows.items() for k, v in m.items()}})
+    plans = quickstart_plans(cfg)
+    summaries = {}
+    for label, plan_cfg in plans.items():
+        run_plan(plan_cfg)
+        summaries[label] = load_summary(plan_cfg.train.checkpoint_dir)
+    baseline = list(plans)[-1]
+    print_metrics_table(f"{cfg.name}: test split of {cfg.data.path}",
+                        {label: s["test"] for label, s in summaries.items()}, cfg.eval.ks)
+    print(markdown_table(summaries, baseline))
+    emit_result({f"{label}/{k}": v for label, s in summaries.items()
+                 for k, v in {**s["test"], "wall_s": s["wall_s"]}.items()})
     return 0
