@@ -289,7 +289,11 @@ class GrowthConfig:
     )
 
     def validate(self, prefix: str = "growth") -> None:
-        pass
+        # stacking.stack_param_state maps AdamW moments through a plan, but no runner loads them
+        # into the next stage yet: refuse rather than silently train with a fresh optimizer.
+        _check(self.optimizer_state == "reset", f"{prefix}.optimizer_state",
+               "must be reset: carrying optimizer state across growth is not wired into the runners yet",
+               self.optimizer_state)
 
 
 @dataclass

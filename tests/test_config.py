@@ -74,3 +74,8 @@ def test_override_syntax():
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_configs_load(path):
     load_config(path)
+
+
+def test_unsupported_optimizer_carry_is_refused():
+    with pytest.raises(ConfigError, match="growth.optimizer_state must be reset"):
+        load_config(None, ["growth.optimizer_state=carry"])

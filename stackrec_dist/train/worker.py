@@ -45,6 +45,7 @@ import torch
 from stackrec_dist.config import EvalConfig, JobConfig, config_from_dict, config_to_dict
 from stackrec_dist.train import distributed as D
 from stackrec_dist.train.deepspeed_config import build_deepspeed_config, client_clip_norm
+from stackrec_dist.train.trainer import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -85,24 +86,11 @@ class WorkerOptions:
 
 
 @dataclass
-class WorkerTrainState:
-    step: int = 0
-    epoch: int = 0
-    best_metric: float = -1.0
-    best_step: int = -1
-    bad_validations: int = 0
-    elapsed_s: float = 0.0
+class WorkerTrainState(TrainState):
+    """The single-process trainer's counters plus the DeepSpeed checkpoint tag and report step."""
+
     tag: str = ""
     last_report_step: int = -1
-    history: list[dict[str, float]] = field(default_factory=list)
-
-    def state_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            if hasattr(self, key):
-                setattr(self, key, value)
 
 
 # ---------------------------------------------------------------------------------------------
