@@ -38,20 +38,29 @@ def best_point(curve: list[dict[str, float]]) -> dict[str, float]:
     return max(curve, key=lambda p: (p[METRIC], -p["wall_s"]))
 
 
-def final_data_points(curve: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Validation points measured on the run's final dataset (TF pre-training points are scored on
-    the source domain and cannot be compared with the target's)."""
-    final = curve[-1].get("data_path", "")
-    return [p for p in curve if p.get("data_path", "") == final]
+def _training_data(run: dict[str, Any], point: dict[str, Any]) -> tuple[str, str]:
+    """(dataset, training split) a validation point's stage trained on."""
+    config = run.get("config", {})
+    splits = {s["name"]: s.get("train_split") or "" for s in config.get("plan", [])}
+    default_split = config.get("data", {}).get("train_split", "train")
+    return point.get("data_path", ""), splits.get(point.get("stage", ""), "") or default_split
+
+
+def final_data_points(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """Validation points of the stages that trained on the run's final data: the final dataset
+    (TF pre-training points are scored on the source domain) and training split (CL slices)."""
+    curve = run["curve"]
+    final = _training_data(run, curve[-1])
+    return [p for p in curve if _training_data(run, p) == final]
 
 
 def speedups(runs: dict[str, dict[str, Any]], baseline: str) -> dict[str, dict[str, Any]]:
     """Per run: time (total, and since its first stage on the final data) to reach the baseline's best."""
-    base = best_point(final_data_points(runs[baseline]["curve"]))
+    base = best_point(final_data_points(runs[baseline]))
     target, t_base = base[METRIC], base["wall_s"]
     out = {}
     for name, run in runs.items():
-        points = final_data_points(run["curve"])
+        points = final_data_points(run)
         t = time_to_reach(points, target)
         t_final = None if t is None else t - points[0]["stage_start_s"] if "stage_start_s" in points[0] else t
         out[name] = {
@@ -71,8 +80,8 @@ def markdown_table(runs: dict[str, dict[str, Any]], baseline: str) -> str:
         f"Speedup at equal quality: wall-clock for `{baseline}` to reach its best validation NDCG@5 "
         f"({target:.4f}) divided by each run's wall-clock to reach it.",
         "",
-        "Runs that change datasets (CL slices, TF source -> target) are also timed from the start of "
-        "their first stage on the final dataset (the 'final data' columns: the cost of producing the "
+        "Runs that change data (CL slices, TF source -> target) are also timed from the start of "
+        "their first stage on the final data (the 'final data' columns: the cost of producing the "
         "new model when the earlier one already exists).",
         "",
         "| run | blocks | MRR@5 | HR@5 | NDCG@5 | MRR@20 | HR@20 | NDCG@20 | wall-clock s | steps "
