@@ -61,11 +61,10 @@ def full_softmax_loss(
     h, t = _real_rows(hidden, targets)
     if t.numel() == 0:
         return _empty_loss(hidden, head_weight, head_bias)
-    logits = F.linear(h, head_weight, head_bias)  # (N, V)
-    pad_col = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-    pad_col[PAD_ID] = True
-    logits = logits.masked_fill(pad_col, float("-inf"))
-    return F.cross_entropy(logits, t)
+    # The pad column can never be a target: leave it out of the softmax by slicing it off the
+    # head (no (N, V) mask pass; its weight row gets exactly zero gradient). Relies on PAD_ID == 0.
+    logits = F.linear(h, head_weight[PAD_ID + 1:], head_bias[PAD_ID + 1:])  # (N, V - 1)
+    return F.cross_entropy(logits, t - (PAD_ID + 1))
 
 
 class _ChunkedSoftmaxCE(torch.autograd.Function):

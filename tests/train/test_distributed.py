@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import types
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 import torch
 
 from stackrec_dist.config import config_from_dict
+from tests.train.reference_run import single_process_reference
 
 pytestmark = pytest.mark.slow
 
@@ -101,29 +101,6 @@ def _equivalence_job(stage: int, accum: int, storage: Path):
     })
 
 
-def _single_process_reference(job) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """The single-process Trainer's own train_step on the same global batches."""
-    from stackrec_dist.models import build_model
-    from stackrec_dist.train.optim import build_optimizer
-    from stackrec_dist.train.schedule import lr_lambda
-    from stackrec_dist.train.step import RecommenderLoss
-    from stackrec_dist.train.trainer import Trainer, TrainState
-    from stackrec_dist.train.worker import SyntheticBatches
-
-    torch.manual_seed(job.train.seed)
-    model = build_model(job.model)
-    optimizer = build_optimizer(model, job.optim)
-    trainer = types.SimpleNamespace(
-        cfg=job, model=model, device=torch.device("cpu"), objective=RecommenderLoss(model, job.loss),
-        optimizer=optimizer, state=TrainState(),
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(job.optim, STEPS)),
-        _autocast=lambda: torch.autocast("cpu", enabled=False),
-    )
-    batches = SyntheticBatches(job.model.num_items, job.data.max_len, job.data.batch_size, STEPS, job.data.seed)
-    losses = [Trainer.train_step(trainer, batch) for batch in batches]
-    return losses, model.state_dict()
-
-
 @pytest.mark.parametrize("stage,accum", [(2, 2), (3, 1)])
 def test_zero_matches_single_process_trainer(ray_local, tmp_path, stage, accum):
     from stackrec_dist.train.ray_job import fit_distributed
@@ -136,7 +113,7 @@ def test_zero_matches_single_process_trainer(ray_local, tmp_path, stage, accum):
                                                 evaluate=False, consumed_log_dir=str(logs)))
     assert result.error is None and result.metrics["step"] == STEPS
     losses, _ = _consumed(logs)
-    ref_losses, ref_state = _single_process_reference(job)
+    ref_losses, ref_state = single_process_reference(job, STEPS)
     got = [losses[s] for s in range(1, STEPS + 1)]
     assert ref_losses[0] != pytest.approx(ref_losses[-1], rel=1e-3)  # the weights really moved
     torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(ref_losses, dtype=torch.float64),

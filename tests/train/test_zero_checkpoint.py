@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from stackrec_dist.config import config_from_dict, config_to_dict
+from tests.train.reference_run import single_process_reference
 
 WORLD = 2
 STEPS = 3
@@ -53,28 +54,6 @@ def _save_worker(rank: int, port: int, job_dict: dict, out: str) -> None:
         (Path(out) / "losses.json").write_text(json.dumps(losses))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
-
-
-def _reference(job):
-    from stackrec_dist.models import build_model
-    from stackrec_dist.train.optim import build_optimizer
-    from stackrec_dist.train.schedule import lr_lambda
-    from stackrec_dist.train.step import RecommenderLoss
-    from stackrec_dist.train.trainer import Trainer, TrainState
-    from stackrec_dist.train.worker import SyntheticBatches
-
-    torch.manual_seed(job.train.seed)
-    model = build_model(job.model)
-    optimizer = build_optimizer(model, job.optim)
-    trainer = types.SimpleNamespace(
-        cfg=job, model=model, device=torch.device("cpu"), objective=RecommenderLoss(model, job.loss),
-        optimizer=optimizer, state=TrainState(),
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(job.optim, STEPS)),
-        _autocast=lambda: torch.autocast("cpu", enabled=False),
-    )
-    batches = SyntheticBatches(job.model.num_items, job.data.max_len, job.data.batch_size, STEPS, job.data.seed)
-    losses = [Trainer.train_step(trainer, b) for b in batches]
-    return losses, model.state_dict()
 
 
 @pytest.mark.slow
@@ -115,7 +94,7 @@ def test_zero_checkpoint_consolidates_and_loads_in_one_process(tmp_path, stage):
     items = torch.randint(1, job.model.num_items, (3, job.data.max_len))
     torch.testing.assert_close(model(items), reference(items), rtol=0, atol=0)
     # Same trajectory and weights as the single-process trainer's step on the global batches.
-    ref_losses, ref_state = _reference(job)
+    ref_losses, ref_state = single_process_reference(job, STEPS)
     torch.testing.assert_close(torch.tensor(json.loads((out / "losses.json").read_text()), dtype=torch.float64),
                                torch.tensor(ref_losses, dtype=torch.float64), rtol=1e-4, atol=0)
     for name, ref in ref_state.items():
