@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from stackrec_dist.kernels.reference import residual_block_with_conv
+
 
 def causal_conv_shifted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int) -> torch.Tensor:
     """x: (B, L, C_in); weight: (C_out, C_in, K) -> (B, L, C_out), as ``reference.causal_conv``."""
@@ -45,30 +47,15 @@ def causal_conv_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return out
 
 
-def _block(conv, x, mask, conv1_weight, conv1_bias, ln1_weight, ln1_bias, conv2_weight, conv2_bias,
-           ln2_weight, ln2_bias, alpha, dilation, eps):
-    c = x.shape[-1]
-    m = None if mask is None else mask.to(x.dtype).unsqueeze(-1)
-    h = conv(x, conv1_weight, conv1_bias, dilation)
-    h = F.relu(F.layer_norm(h, (c,), ln1_weight, ln1_bias, eps))
-    if m is not None:
-        h = h * m
-    h = conv(h, conv2_weight, conv2_bias, 2 * dilation)
-    h = F.relu(F.layer_norm(h, (c,), ln2_weight, ln2_bias, eps))
-    if m is not None:
-        h = h * m
-    return x + (h if alpha is None else alpha * h)
-
-
 def residual_block_shifted(x, mask, conv1_weight, conv1_bias, ln1_weight, ln1_bias, conv2_weight, conv2_bias,
                            ln2_weight, ln2_bias, alpha, dilation, eps=1e-5):
     """The block with ``causal_conv_shifted``; x (B, L, C), mask (B, L) or None -> (B, L, C)."""
-    return _block(causal_conv_shifted, x, mask, conv1_weight, conv1_bias, ln1_weight, ln1_bias,
-                  conv2_weight, conv2_bias, ln2_weight, ln2_bias, alpha, dilation, eps)
+    return residual_block_with_conv(causal_conv_shifted, x, mask, conv1_weight, conv1_bias, ln1_weight, ln1_bias,
+                                     conv2_weight, conv2_bias, ln2_weight, ln2_bias, alpha, dilation, eps)
 
 
 def residual_block_gemm(x, mask, conv1_weight, conv1_bias, ln1_weight, ln1_bias, conv2_weight, conv2_bias,
                         ln2_weight, ln2_bias, alpha, dilation, eps=1e-5):
     """The block with ``causal_conv_gemm``; x (B, L, C), mask (B, L) or None -> (B, L, C)."""
-    return _block(causal_conv_gemm, x, mask, conv1_weight, conv1_bias, ln1_weight, ln1_bias,
-                  conv2_weight, conv2_bias, ln2_weight, ln2_bias, alpha, dilation, eps)
+    return residual_block_with_conv(causal_conv_gemm, x, mask, conv1_weight, conv1_bias, ln1_weight, ln1_bias,
+                                     conv2_weight, conv2_bias, ln2_weight, ln2_bias, alpha, dilation, eps)

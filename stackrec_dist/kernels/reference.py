@@ -7,6 +7,8 @@ Layout is channels-last: activations are ``(B, L, C)``; conv weights are ``nn.Co
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +18,37 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     k = weight.shape[-1]
     xt = F.pad(x.transpose(1, 2), ((k - 1) * dilation, 0))
     return F.conv1d(xt, weight, bias, dilation=dilation).transpose(1, 2)
+
+
+def residual_block_with_conv(
+    conv: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, int], torch.Tensor],
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    conv1_weight: torch.Tensor,
+    conv1_bias: torch.Tensor,
+    ln1_weight: torch.Tensor,
+    ln1_bias: torch.Tensor,
+    conv2_weight: torch.Tensor,
+    conv2_bias: torch.Tensor,
+    ln2_weight: torch.Tensor,
+    ln2_bias: torch.Tensor,
+    alpha: torch.Tensor | None,
+    dilation: int,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """The block with a pluggable causal conv ``conv(x, weight, bias, dilation)`` (CPU variants
+    swap only the conv); semantics as :func:`residual_block_reference`."""
+    c = x.shape[-1]
+    m = None if mask is None else mask.to(x.dtype).unsqueeze(-1)
+    h = conv(x, conv1_weight, conv1_bias, dilation)
+    h = F.relu(F.layer_norm(h, (c,), ln1_weight, ln1_bias, eps))
+    if m is not None:
+        h = h * m
+    h = conv(h, conv2_weight, conv2_bias, 2 * dilation)
+    h = F.relu(F.layer_norm(h, (c,), ln2_weight, ln2_bias, eps))
+    if m is not None:
+        h = h * m
+    return x + (h if alpha is None else alpha * h)
 
 
 def residual_block_reference(
@@ -40,14 +73,7 @@ def residual_block_reference(
     positions through the next conv: the output is then independent of how much left padding
     a sequence has. alpha: scalar tensor, or None for a plain residual ``x + F(x)``.
     """
-    c = x.shape[-1]
-    m = None if mask is None else mask.to(x.dtype).unsqueeze(-1)
-    h = causal_conv(x, conv1_weight, conv1_bias, dilation)
-    h = F.relu(F.layer_norm(h, (c,), ln1_weight, ln1_bias, eps))
-    if m is not None:
-        h = h * m
-    h = causal_conv(h, conv2_weight, conv2_bias, 2 * dilation)
-    h = F.relu(F.layer_norm(h, (c,), ln2_weight, ln2_bias, eps))
-    if m is not None:
-        h = h * m
-    return x + (h if alpha is None else alpha * h)
+    return residual_block_with_conv(
+        causal_conv, x, mask, conv1_weight, conv1_bias, ln1_weight, ln1_bias,
+        conv2_weight, conv2_bias, ln2_weight, ln2_bias, alpha, dilation, eps,
+    )

@@ -59,6 +59,17 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def record_validation(self, metrics: dict[str, float]) -> bool:
+        """Append a validation point to the history; True when it is a new best (early-stop metric)."""
+        record = {"step": self.step, "epoch": self.epoch, "elapsed_s": self.elapsed_s}
+        record.update({f"valid/{k}": v for k, v in metrics.items()})
+        self.history.append(record)
+        if metrics[EARLY_STOP_METRIC] > self.best_metric:
+            self.best_metric, self.best_step, self.bad_validations = metrics[EARLY_STOP_METRIC], self.step, 0
+            return True
+        self.bad_validations += 1
+        return False
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
             if hasattr(self, key):
@@ -147,19 +158,12 @@ class Trainer:
         )
 
     def _after_validation(self, metrics: dict[str, float]) -> None:
-        value = metrics[EARLY_STOP_METRIC]
-        record = {"step": self.state.step, "epoch": self.state.epoch, "elapsed_s": self.state.elapsed_s}
-        record.update({f"valid/{k}": v for k, v in metrics.items()})
-        self.state.history.append(record)
-        if value > self.state.best_metric:
-            self.state.best_metric, self.state.best_step, self.state.bad_validations = value, self.state.step, 0
+        if self.state.record_validation(metrics):
             self.best_model_state = copy.deepcopy(self.model.state_dict())
             save_checkpoint(self.checkpoint_dir / "best", {
                 "model": self.model.state_dict(),
                 "train_state": {**self.state.state_dict(), "model_config": model_config_to_state(self.model.cfg)},
             })
-        else:
-            self.state.bad_validations += 1
 
     def fit(self) -> dict[str, Any]:
         """Train until max steps/epochs or early stop; restore the best model; return a summary."""

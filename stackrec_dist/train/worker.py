@@ -49,7 +49,6 @@ from stackrec_dist.train.trainer import TrainState
 
 log = logging.getLogger(__name__)
 
-EARLY_STOP_METRIC = "ndcg@5"
 TRAIN_STATE_FILE = "train_state.json"
 BEST_MODEL_FILE = "best-model.pt"
 MODEL_CONFIG_FILE = "model_config.json"
@@ -379,16 +378,9 @@ class WorkerLoop:
         return evaluate_distributed(self.eval_model(), self._eval_batches(split), self.job.eval, self.ctx.device)
 
     def _after_validation(self, metrics: dict[str, float]) -> None:
-        value = metrics[EARLY_STOP_METRIC]
-        record = {"step": self.state.step, "epoch": self.state.epoch, "elapsed_s": self.state.elapsed_s}
-        record.update({f"valid/{k}": v for k, v in metrics.items()})
-        self.state.history.append(record)
-        if value > self.state.best_metric:
-            self.state.best_metric, self.state.best_step, self.state.bad_validations = value, self.state.step, 0
+        if self.state.record_validation(metrics):
             best = self.full_model_state()  # every rank joins the gather; rank 0 keeps it
             self.best_state = best if self.ctx.rank == 0 else None
-        else:
-            self.state.bad_validations += 1
 
     def checkpoint_and_report(self, metrics: dict[str, Any]) -> None:
         import ray.train
