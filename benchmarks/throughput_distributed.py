@@ -153,6 +153,8 @@ def main(argv=None) -> None:
 
     bare = inproc["bare"]
     lines = [
+        "## Ray Train + DeepSpeed: overhead vs the bare step, 1 and 2 workers (CPU)",
+        "",
         f"NextItNet C={args.dim}, {args.blocks} blocks, L={args.seq_len}, global B={args.batch}, V={args.items}, "
         f"full softmax, fp32, AdamW + clipping, gloo; {os.cpu_count()} cores; median optimizer-step time "
         f"(`python benchmarks/throughput_distributed.py`). Shared machine: load average {load_before:.1f} "
