@@ -305,10 +305,15 @@ def validate_rows(table: pa.Table, num_items: int, *, min_length: int, path: str
 # -- windows -----------------------------------------------------------------------------------
 
 
+def pieces_per_row(lengths: np.ndarray, L: int) -> np.ndarray:
+    """Windows (pieces) of each row: a row with n items has ceil((n-1)/L) of them (0 when n < 2)."""
+    trans = np.maximum(lengths - 1, 0)
+    return (trans + L - 1) // L
+
+
 def row_pieces(lengths: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
     """(row, k) of every piece: row r with n items has ceil((n-1)/L) pieces, k counted from the end."""
-    trans = np.maximum(lengths - 1, 0)
-    per_row = (trans + L - 1) // L
+    per_row = pieces_per_row(lengths, L)
     total = int(per_row.sum())
     row = np.repeat(np.arange(len(lengths)), per_row)
     first = np.cumsum(per_row) - per_row

@@ -29,15 +29,11 @@ from typing import Any, Protocol
 import torch
 
 from stackrec_dist.config import GrowthConfig, JobConfig, StageConfig
+from stackrec_dist.growth.grow import grown_model_config
 from stackrec_dist.growth.model_checkpoint import open_model_checkpoint
-from stackrec_dist.growth.stacking import (
-    KeyMapping,
-    check_matches,
-    grown_block_dilations,
-    stacking_plan,
-)
+from stackrec_dist.growth.stacking import KeyMapping, check_matches, stacking_plan
 from stackrec_dist.models import build_model
-from stackrec_dist.train.checkpoint import COMPLETE_MARKER, model_config_to_state
+from stackrec_dist.train.checkpoint import COMPLETE_MARKER, model_config_to_state, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -183,13 +179,7 @@ def grow_checkpoint(source: Path, output: Path, growth: GrowthConfig, info: dict
     parent = open_model_checkpoint(source)
     old_cfg = parent.model_config
     k = old_cfg.num_blocks
-    new_cfg = dataclasses.replace(
-        old_cfg,
-        num_blocks=2 * k,
-        block_dilations=grown_block_dilations(
-            [old_cfg.block_dilation(i) for i in range(k)], growth.method, growth.dilations, old_cfg.dilations
-        ),
-    )
+    new_cfg = grown_model_config(old_cfg, growth)
     plan = stacking_plan(parent.shapes(), k, growth)
     fresh = _fresh_state(new_cfg, plan, seed=info.get("seed", 0))
     old_state = parent.state_dict()
@@ -248,17 +238,8 @@ def new_head_checkpoint(source: Path, output: Path, num_items: int, info: dict[s
 
 
 def _write_model_checkpoint(output: Path, state: dict[str, torch.Tensor], cfg, info: dict[str, Any]) -> Path:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    torch.save(state, tmp / "model.pt")
-    torch.save({"step": 0, "model_config": model_config_to_state(cfg)}, tmp / "train_state.pt")
-    (tmp / COMPLETE_MARKER).write_text("ok\n")
-    if output.exists():
-        shutil.rmtree(output)
-    os.rename(tmp, output)
+    """A weights-only checkpoint (atomic, see train/checkpoint.py), then its manifest, last."""
+    save_checkpoint(output, {"model": state, "train_state": {"step": 0, "model_config": model_config_to_state(cfg)}})
     maybe_crash("before_manifest", info.get("stage", ""))
     write_stage_manifest(output, info)
     return output
@@ -309,9 +290,9 @@ class Coordinator:
                 state.done = state.done[:i]
                 state.save(self.run_dir)
                 break
-        # Temporary directories of a crashed run are never loaded; remove them.
-        for tmp in self.run_dir.glob("*/.*.tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+        # Temporary and set-aside directories of a crashed run are never loaded; remove them.
+        for leftover in [*self.run_dir.glob("*/.*.tmp-*"), *self.run_dir.glob("*/.*.old-*")]:
+            shutil.rmtree(leftover, ignore_errors=True)
         return state
 
     def run(self) -> PlanState:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stackrec_dist.config import DataConfig
 from stackrec_dist.data.manifest import open_fs, read_manifest
+from stackrec_dist.data.stream import pieces_per_row
 
 
 def dataset_num_items(data_cfg: DataConfig) -> int:
@@ -30,9 +32,8 @@ def count_windows(data_cfg: DataConfig, split: str = "train") -> int:
             for rg in range(parquet.num_row_groups):
                 column = parquet.read_row_group(rg, columns=["item_ids"]).column("item_ids")
                 lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-                lengths = lengths[lengths >= 2] - 1
-                transitions += int(lengths.sum())
-                windows += int(((lengths + data_cfg.max_len - 1) // data_cfg.max_len).sum())
+                transitions += int(np.maximum(lengths - 1, 0).sum())
+                windows += int(pieces_per_row(lengths, data_cfg.max_len).sum())
     if data_cfg.pack == "concat":
         return math.ceil(transitions / data_cfg.max_len)
     return windows
