@@ -16,8 +16,10 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from stackrec_dist.errors import ConfigErrorBase
 
-class ConfigError(ValueError):
+
+class ConfigError(ConfigErrorBase, ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 

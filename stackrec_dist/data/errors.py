@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from stackrec_dist.errors import DataErrorBase
 
-class DataError(ValueError):
+
+class DataError(DataErrorBase, ValueError):
     """Bad or inconsistent data.
 
     ``str(err)`` reads like

@@ -21,6 +21,8 @@ from typing import Any, Callable, TypeVar
 
 import fsspec
 
+from stackrec_dist.errors import StorageErrorBase
+
 T = TypeVar("T")
 
 S3_MAX_ATTEMPTS = 12
@@ -100,7 +102,7 @@ _TRANSIENT_CODES = {
 }
 
 
-class StorageError(OSError):
+class StorageError(StorageErrorBase, OSError):
     """An object could not be read: permanently, or transiently past the retry bound."""
 
     def __init__(self, message: str, *, path: str | None = None, transient: bool = False) -> None:

@@ -22,13 +22,12 @@ from typing import Any
 import torch
 
 from stackrec_dist.config import ModelConfig, from_dict
+from stackrec_dist.errors import CheckpointError
 from stackrec_dist.models import SequentialRecommender, build_model
 
 COMPLETE_MARKER = "COMPLETE"
 
 
-class CheckpointError(RuntimeError):
-    pass
 
 
 def save_checkpoint(path: str | Path, states: dict[str, dict[str, Any]]) -> Path:
