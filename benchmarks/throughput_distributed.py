@@ -3,8 +3,8 @@
 Same synthetic global batches throughout (NextItNet C=64, 4 blocks, L=50, B=256, full softmax over
 V items, fp32, AdamW, grad clipping), in one run:
 
-1. overhead: the single-process trainer's own ``train_step`` and the Ray worker's DeepSpeed step
-   (``WorkerLoop.train_step``, ZeRO 0 and 2, a 1-rank gloo group) in this process with ``--threads``
+1. overhead: the one loop's step with the plain PyTorch engine and with the DeepSpeed engine
+   (``TrainLoop.train_step`` with the DeepSpeed engine, ZeRO 0 and 2, a 1-rank gloo group) in this process with ``--threads``
    threads, interleaved step by step, so that the load of this shared machine hits both alike;
 2. Ray Train: 1 worker (``--threads`` CPUs) and 2 workers (half each: on a 2-core machine they share
    the same cores, so this shows communication/partitioning cost, not a speed-up), ZeRO 0 and 2;
@@ -22,7 +22,6 @@ import os
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -47,66 +46,53 @@ def _job(args, workers: int, stage: int, storage: str):
     })
 
 
-def _bare_trainer(job):
-    """The single-process trainer's own train_step, bound to a namespace (no dataset needed)."""
-    from stackrec_dist.models import build_model
-    from stackrec_dist.train.optim import build_optimizer
-    from stackrec_dist.train.schedule import lr_lambda
-    from stackrec_dist.train.step import RecommenderLoss
-    from stackrec_dist.train.trainer import Trainer, TrainState
+def _loop(args, stage: int, deepspeed: bool):
+    """The one training loop on synthetic batches: plain engine (no process group) or DeepSpeed
+    on a 1-rank gloo group."""
+    import dataclasses
 
-    torch.manual_seed(0)
-    model = build_model(job.model)
-    optimizer = build_optimizer(model, job.optim)
-    ns = types.SimpleNamespace(
-        cfg=job, model=model, device=torch.device("cpu"), objective=RecommenderLoss(model, job.loss),
-        optimizer=optimizer, state=TrainState(),
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(job.optim, 10**6)),
-        _autocast=lambda: torch.autocast("cpu", enabled=False),
-    )
-    return lambda batch: Trainer.train_step(ns, batch)
+    from stackrec_dist.train import distributed as D
+    from stackrec_dist.train.device import DeviceChoice
+    from stackrec_dist.train.loop import LoopOptions, TrainLoop, World
+
+    job = _job(args, 1, stage, "/tmp/unused")
+    if not deepspeed:
+        job = dataclasses.replace(job, distributed=dataclasses.replace(job.distributed, num_workers=0))
+    choice = DeviceChoice("cpu")
+    world = World(choice, D.init_worker(choice) if deepspeed else None)
+    return TrainLoop(job, world, options=LoopOptions(data_source="synthetic", synthetic_steps_per_epoch=10**6,
+                                                     evaluate=False, checkpoint=False))
 
 
 def overhead_in_process(args) -> dict[str, float]:
-    """Median step time of the bare trainer step and of the worker's DeepSpeed step (ZeRO 0, 2) in
-    this one process (1-rank gloo group), interleaved step by step so machine load hits all alike."""
-    from stackrec_dist.train.worker import SyntheticBatches, WorkerLoop, WorkerOptions
+    """Median step time of the plain engine's step and of DeepSpeed's (ZeRO 0, 2) in this one
+    process (1-rank gloo group), interleaved step by step so machine load hits all alike."""
+    from stackrec_dist.train.batches import SyntheticBatches
 
     torch.set_num_threads(args.threads)
-    bare = _bare_trainer(_job(args, 1, 0, "/tmp/unused"))
-    loops = {}
-    for stage in (0, 2):
-        loop = WorkerLoop(_job(args, 1, stage, "/tmp/unused"),
-                          WorkerOptions(data_source="synthetic", synthetic_steps_per_epoch=10**6))
-        loop._iter, loop.exhausted = None, False
-        loops[stage] = loop
+    loops = {"bare": _loop(args, 0, deepspeed=False), "zero0": _loop(args, 0, deepspeed=True),
+             "zero2": _loop(args, 2, deepspeed=True)}
     batches = iter(SyntheticBatches(args.items, args.seq_len, args.batch, 10**6, seed=0))
-    times: dict[str, list[float]] = {"bare": [], "zero0": [], "zero2": []}
+    times: dict[str, list[float]] = {k: [] for k in loops}
     for _ in range(args.steps + 2):
         batch = next(batches)
-        t0 = time.perf_counter()
-        bare(batch)
-        times["bare"].append(time.perf_counter() - t0)
-        for stage, loop in loops.items():
+        for name, loop in loops.items():
             t0 = time.perf_counter()
             loop.train_step(batch)  # world size 1: the whole global batch
-            times[f"zero{stage}"].append(time.perf_counter() - t0)
+            times[name].append(time.perf_counter() - t0)
     return {k: sorted(v[2:])[len(v[2:]) // 2] for k, v in times.items()}  # drop 2 warm-up steps
 
 
 def ray_run(args, workers: int, stage: int, storage: str) -> tuple[float, float]:
     """(median step time reported by the workers, wall time of the whole Ray run)."""
-    from stackrec_dist.train.ray_job import run_distributed
-    from stackrec_dist.train.worker import WorkerOptions
+    from stackrec_dist.train.loop import LoopOptions
+    from stackrec_dist.train.ray_job import fit_distributed
 
     job = _job(args, workers, stage, storage)
     t0 = time.perf_counter()
-    result = run_distributed(job, WorkerOptions(data_source="synthetic", synthetic_steps_per_epoch=args.steps,
-                                                evaluate=False))  # V2 Result.metrics = the latest checkpoint's metrics
+    result = fit_distributed(job, LoopOptions(data_source="synthetic", synthetic_steps_per_epoch=args.steps,
+                                              evaluate=False))  # V2 Result.metrics = the latest checkpoint's metrics
     wall = time.perf_counter() - t0
-    if result.error is not None:
-        raise result.error
-    print(f"  workers report torch threads = {result.metrics['torch_threads']}", flush=True)
     return result.metrics["train/step_time_s"], wall
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from stackrec_dist.config import ConfigError, JobConfig, dump_config, load_config
-from stackrec_dist.data.errors import DataError
+from stackrec_dist.errors import StackrecError
 
 log = logging.getLogger("stackrec")
 
@@ -68,61 +68,63 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.address:
         cfg.distributed.address = args.address
     if cfg.plan:
+        if args.init:
+            raise ConfigError("--init starts a single training run; a plan starts from its first stage")
         from stackrec_dist.scenarios import run_plan
 
         result = run_plan(cfg)
-    elif cfg.distributed.num_workers > 0:
-        from stackrec_dist.train.ray_job import run_distributed
-
-        result = run_distributed(cfg)
     else:
-        result = _train_single(cfg, resume=args.resume)
+        from stackrec_dist.train.job import train_job
+
+        summary, test, label = train_job(cfg, init=args.init, resume=args.resume)
+        print_metrics_table(f"{cfg.name}: test", {label: test}, cfg.eval.ks)
+        result = {**{k: v for k, v in summary.items() if k != "history"}, **{f"test/{k}": v for k, v in test.items()}}
     emit_result(result)
     return 0
 
 
-def _train_single(cfg: JobConfig, resume: bool = False) -> dict[str, Any]:
-    from stackrec_dist.train.trainer import Trainer
+def _checkpoint_meets_dataset(args: argparse.Namespace, cfg: JobConfig):
+    """Open ``--checkpoint`` and check its catalogue against the config's dataset, when one is given."""
+    from stackrec_dist.train.checkpoint import check_catalogue, open_checkpoint
 
-    trainer = Trainer(cfg)
-    last = Path(cfg.train.checkpoint_dir) / "last"
-    if resume and (last / "COMPLETE").exists():
-        trainer.load(last)
-    summary = trainer.fit()
-    test = trainer.validate("test")
-    print_metrics_table(f"{cfg.name}: test ({cfg.model.num_blocks} blocks)", {f"{cfg.model.backbone}-{trainer.model.cfg.num_blocks}": test}, cfg.eval.ks)
-    return {**summary, **{f"test/{k}": v for k, v in test.items()}}
+    checkpoint = open_checkpoint(args.checkpoint, cfg.data.storage_options)
+    if args.config or any(o.startswith("data.path=") for o in args.overrides):
+        from stackrec_dist.train.data_info import dataset_num_items
+
+        check_catalogue(checkpoint, dataset_num_items(cfg.data), cfg.data.path)
+    return checkpoint
 
 
 def cmd_grow(args: argparse.Namespace) -> int:
-    from stackrec_dist.growth.grow import grow_model
-    from stackrec_dist.train.checkpoint import model_config_to_state, save_checkpoint
-    from stackrec_dist.train.checkpoint import load_model
+    from stackrec_dist.growth.grow import grow_state
+    from stackrec_dist.train.checkpoint import save_model_checkpoint
 
     cfg = _load(args)
-    model = load_model(args.checkpoint)
-    grown = grow_model(model, cfg.growth, seed=cfg.train.seed)
-    save_checkpoint(args.output, {
-        "model": grown.state_dict(),
-        "train_state": {"step": 0, "model_config": model_config_to_state(grown.cfg),
-                        "parent": str(args.checkpoint)},
-    })
-    emit_result({"blocks": grown.cfg.num_blocks, "parent_blocks": model.cfg.num_blocks, "output": str(args.output)})
+    checkpoint = _checkpoint_meets_dataset(args, cfg)
+    which, state = checkpoint.weights(args.weights)
+    parent = checkpoint.model_config
+    grown, grown_cfg = grow_state(state, parent, cfg.growth, seed=cfg.train.seed)
+    save_model_checkpoint(args.output, grown, grown_cfg, {"parent": str(args.checkpoint), "parent_weights": which})
+    print(f"stackrec: grew the {which} weights of {args.checkpoint}: {parent.num_blocks} -> "
+          f"{grown_cfg.num_blocks} blocks ({cfg.growth.method}, alpha {cfg.growth.alpha_policy})")
+    emit_result({"blocks": grown_cfg.num_blocks, "parent_blocks": parent.num_blocks, "output": str(args.output)})
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from stackrec_dist.data.stream import iter_eval_batches
     from stackrec_dist.eval.evaluate import evaluate
-    from stackrec_dist.train.checkpoint import load_model
-    from stackrec_dist.train.trainer import resolve_device
+    from stackrec_dist.train.device import resolve_device
 
     cfg = _load(args)
-    device = resolve_device(cfg.train.device)
-    model = load_model(args.checkpoint).to(device)
+    choice = resolve_device(cfg.train.device)
+    checkpoint = _checkpoint_meets_dataset(args, cfg)
+    model, which = checkpoint.load_model(args.weights)
+    device = choice.torch_device()
     batches = iter_eval_batches(cfg.data, args.split, cfg.eval.batch_size)
-    metrics = evaluate(model, batches, cfg.eval.ks, device, max_batches=cfg.eval.max_batches)
-    print_metrics_table(f"{args.split}: {args.checkpoint}", {f"{model.cfg.backbone}-{model.cfg.num_blocks}": metrics}, cfg.eval.ks)
+    metrics = evaluate(model.to(device), batches, cfg.eval.ks, device, max_batches=cfg.eval.max_batches)
+    print_metrics_table(f"{args.split}: {args.checkpoint} ({which} weights)",
+                        {f"{model.cfg.backbone}-{model.cfg.num_blocks}": metrics}, cfg.eval.ks)
     emit_result({f"{args.split}/{k}": v for k, v in metrics.items()})
     return 0
 
@@ -162,18 +164,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--address", default="", help="Ray cluster address (default: RAY_ADDRESS or embedded local Ray)")
     p.add_argument("--resume", action="store_true", help="continue from <train.checkpoint_dir>/last")
+    p.add_argument("--init", default="", metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights and model config (any run's checkpoint, local or s3://)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("grow", help="stack a checkpoint's k blocks into 2k")
     _add_config_args(p)
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory to grow")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory to grow (any run's, local or s3://)")
     p.add_argument("--output", required=True, help="where the grown checkpoint goes")
+    p.add_argument("--weights", choices=("best", "final"), default="best",
+                   help="grow the best validation weights (default, when recorded) or the final ones")
     p.set_defaults(func=cmd_grow)
 
     p = sub.add_parser("evaluate", help="full-ranking MRR/HR/NDCG@N of a checkpoint")
     _add_config_args(p)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="any run's checkpoint directory, local or s3://")
     p.add_argument("--split", default="test")
+    p.add_argument("--weights", choices=("best", "final"), default="best",
+                   help="evaluate the best validation weights (default, when recorded) or the final ones")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("quickstart", help="prepare MovieLens-100K, train, grow, evaluate: the README's first command")
@@ -203,12 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except ConfigError as err:
-        print(f"stackrec: config error: {err}", file=sys.stderr)
-        return 2
-    except DataError as err:
-        print(f"stackrec: data error: {err}", file=sys.stderr)
-        return 3
+    except StackrecError as err:
+        print(f"stackrec: {err.kind} error: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":

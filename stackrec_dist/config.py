@@ -253,7 +253,11 @@ class TrainConfig:
     patience: int = _doc("Early stopping: validations without NDCG@5 gain (0 = off).", default=3)
     log_every: int = _doc("Log the training loss every N steps.", default=50)
     checkpoint_dir: str = _doc("Where checkpoints of this run go.", default="runs/ckpt")
-    device: str = _doc("auto, cpu, cuda or cuda:N (single-process trainer).", default="auto")
+    device: str = _doc(
+        "auto, cpu, cuda or cuda:N. auto: a GPU where there is one (one process: this machine's CUDA; "
+        "Ray: one GPU per worker when the cluster offers GPUs), with nccl + bf16; else CPU, gloo, fp32.",
+        default="auto",
+    )
     seed: int = _doc("Seed of model init and dropout.", default=0)
     threads: int = _doc("torch intra-op threads on CPU (0 = torch default).", default=0)
     progress: bool = _doc("Show a progress bar.", default=True)
@@ -301,7 +305,6 @@ class GrowthConfig:
 @dataclass
 class DistributedConfig:
     num_workers: int = _doc("Ray Train workers (processes); 0 = single-process trainer.", default=0)
-    use_gpu: bool = _doc("One GPU per worker; nccl + bf16. False: CPU, gloo, fp32.", default=False)
     cpus_per_worker: float = _doc("Ray CPU resources per worker.", default=1.0)
     zero_stage: int = _doc("DeepSpeed ZeRO stage 0-3.", default=0)
     gradient_accumulation_steps: int = _doc("Micro-batches per optimizer step.", default=1)
@@ -335,6 +338,10 @@ class StageConfig:
     epochs: float = _doc("Epochs of a train stage when max_steps = 0 (0 = train.epochs).", default=0.0)
     num_workers: int = _doc("Ray workers of a train stage (-1 = distributed.num_workers).", default=-1)
     zero_stage: int = _doc("DeepSpeed ZeRO stage of a train stage (-1 = distributed.zero_stage).", default=-1)
+    patience: int = _doc(
+        "A train stage ends after this many validations without NDCG@5 gain, or at its step/epoch cap, "
+        "whichever comes first (-1 = train.patience; 0 = fixed budget).", default=-1)
+    eval_every: int = _doc("Validate a train stage every N steps (0 = train.eval_every).", default=0)
 
 
 @dataclass

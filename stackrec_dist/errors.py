@@ -53,3 +53,28 @@ class TrainingError(StackrecError):
 
     exit_code = 7
     kind = "training"
+
+
+def unwrap_worker_error(err: BaseException) -> BaseException:
+    """The first :class:`StackrecError` inside Ray's wrappers (task errors, worker-group errors),
+    so that an input error raised in a worker reaches the user as its own one line."""
+    seen: set[int] = set()
+    stack = [err]
+    while stack:
+        current = stack.pop(0)
+        if id(current) in seen or current is None:
+            continue
+        seen.add(id(current))
+        if isinstance(current, StackrecError):
+            return current
+        for attr in ("cause", "__cause__", "__context__"):
+            inner = getattr(current, attr, None)
+            if isinstance(inner, BaseException):
+                stack.append(inner)
+        for attr in ("worker_failures", "errors"):
+            inner = getattr(current, attr, None)
+            if isinstance(inner, dict):
+                stack.extend(v for v in inner.values() if isinstance(v, BaseException))
+            elif isinstance(inner, (list, tuple)):
+                stack.extend(v for v in inner if isinstance(v, BaseException))
+    return err

@@ -66,16 +66,17 @@ def quickstart_plans(cfg: JobConfig) -> dict[str, JobConfig]:
 def run_quickstart(cfg: JobConfig) -> int:
     from stackrec_dist.cli import emit_result, print_metrics_table
     from stackrec_dist.data.prepare import prepare_dataset
-    from stackrec_dist.scenarios import run_plan
+    from stackrec_dist.scenarios import plan_session, run_plan
     from stackrec_dist.scenarios.report import load_summary, markdown_table
 
     if not _prepared(cfg):
         print(prepare_dataset(dataclasses.replace(cfg.prepare, output=cfg.data.path), cfg.data.storage_options))
     plans = quickstart_plans(cfg)
     summaries = {}
-    for label, plan_cfg in plans.items():
-        run_plan(plan_cfg)
-        summaries[label] = load_summary(plan_cfg.train.checkpoint_dir)
+    with plan_session(cfg):  # one Ray session for both plans
+        for label, plan_cfg in plans.items():
+            run_plan(plan_cfg)
+            summaries[label] = load_summary(plan_cfg.train.checkpoint_dir)
     baseline = list(plans)[-1]
     print_metrics_table(f"{cfg.name}: test split of {cfg.data.path}",
                         {label: s["test"] for label, s in summaries.items()}, cfg.eval.ks)

@@ -41,7 +41,7 @@ def micro_batch_per_worker(dist_cfg: DistributedConfig, data_cfg: DataConfig, wo
     return data_cfg.batch_size // per_step
 
 
-def client_clip_norm(dist_cfg: DistributedConfig, optim_cfg: OptimConfig) -> float:
+def client_clip_norm(dist_cfg: DistributedConfig, optim_cfg: OptimConfig, use_gpu: bool) -> float:
     """Max grad norm the worker must apply itself before ``engine.step()`` (0 = none).
 
     DeepSpeed 0.19.8's stage-0 fp32 clipping (``runtime.utils.clip_grad_norm_``) multiplies each
@@ -52,7 +52,7 @@ def client_clip_norm(dist_cfg: DistributedConfig, optim_cfg: OptimConfig) -> flo
     the ZeRO optimizer, which handles scalars. On GPU (bf16, DeepSpeed's BF16 optimizer at stage 0)
     DeepSpeed keeps clipping (not verified on a GPU here).
     """
-    return float(optim_cfg.grad_clip) if dist_cfg.zero_stage == 0 and not dist_cfg.use_gpu else 0.0
+    return float(optim_cfg.grad_clip) if dist_cfg.zero_stage == 0 and not use_gpu else 0.0
 
 
 def build_deepspeed_config(
@@ -100,7 +100,7 @@ def build_deepspeed_config(
         "gradient_accumulation_steps": dist_cfg.gradient_accumulation_steps,
         # DeepSpeed wants the max norm (a float); 0.0 disables clipping. A bool here would be a bug.
         # CPU stage 0: the worker clips instead (see client_clip_norm).
-        "gradient_clipping": 0.0 if client_clip_norm(dist_cfg, optim_cfg) > 0 else float(optim_cfg.grad_clip),
+        "gradient_clipping": 0.0 if client_clip_norm(dist_cfg, optim_cfg, use_gpu) > 0 else float(optim_cfg.grad_clip),
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": stage >= 1,
         "bf16": {"enabled": bool(use_gpu)},

@@ -24,11 +24,7 @@ import torch
 import torch.distributed as dist
 
 from stackrec_dist.config import DistributedConfig
-
-
-def torch_backend(use_gpu: bool) -> str:
-    """Collective backend: nccl across GPUs; gloo on CPU (no oneCCL on these machines)."""
-    return "nccl" if use_gpu else "gloo"
+from stackrec_dist.train.device import DeviceChoice
 
 
 def set_accelerator_env(use_gpu: bool) -> None:
@@ -39,10 +35,10 @@ def set_accelerator_env(use_gpu: bool) -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
 
 
-def worker_env(dist_cfg: DistributedConfig) -> dict[str, str]:
+def worker_env(dist_cfg: DistributedConfig, use_gpu: bool) -> dict[str, str]:
     """Environment of every Ray worker process (set via RunConfig.worker_runtime_env)."""
-    env = {"DS_ACCELERATOR": "cuda" if dist_cfg.use_gpu else "cpu"}
-    if not dist_cfg.use_gpu:
+    env = {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}
+    if not use_gpu:
         # One intra-op thread pool per worker sized to its CPU share, or workers oversubscribe.
         env["OMP_NUM_THREADS"] = str(max(1, int(dist_cfg.cpus_per_worker)))
     return env
@@ -123,6 +119,7 @@ class DistContext:
     device: torch.device
     backend: str
     owns_group: bool  # True when this module created the group (then teardown destroys it)
+    choice: DeviceChoice | None = None
 
     @property
     def is_main(self) -> bool:
@@ -135,10 +132,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_worker(dist_cfg: DistributedConfig, timeout_s: float = 600.0) -> DistContext:
+def init_worker(choice: DeviceChoice, timeout_s: float = 600.0) -> DistContext:
     """Join (or create) the process group, initialise DeepSpeed comm on it, pick the device."""
-    use_gpu = dist_cfg.use_gpu
-    backend = torch_backend(use_gpu)
+    use_gpu = choice.use_gpu
+    backend = choice.backend
     deepspeed = import_deepspeed(use_gpu)
     owns_group = False
     if not dist.is_initialized():
@@ -154,12 +151,10 @@ def init_worker(dist_cfg: DistributedConfig, timeout_s: float = 600.0) -> DistCo
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = choice.torch_device(local_rank)
     if use_gpu:
-        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return DistContext(rank, world, local_rank, device, backend, owns_group)
+    return DistContext(rank, world, local_rank, device, backend, owns_group, choice)
 
 
 def teardown(ctx: DistContext | None) -> None:
@@ -179,22 +174,6 @@ def all_reduce_sum(tensor: torch.Tensor, device: torch.device | None = None) -> 
     work = tensor.detach().to(device or tensor.device).clone()
     dist.all_reduce(work, op=dist.ReduceOp.SUM)
     return work.to(tensor.device)
-
-
-def all_gather_object(obj: Any) -> list[Any]:
-    if not dist.is_initialized():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def barrier() -> None:

@@ -1,10 +1,10 @@
-"""Ray Train assembly: ``run_distributed(job) -> summary dict`` / ``fit_distributed(job) -> ray.train.Result``
-(a TorchTrainer running DeepSpeed workers).
+"""Everything that touches Ray: the session, the TorchTrainer of a run or of a plan segment, the
+worker entry point, the Ray checkpoint sink, and the ledger actor of in-place growth.
 
-Ray connection: ``distributed.address`` or ``$RAY_ADDRESS`` -> connect to that cluster; neither ->
-start an embedded local Ray bound to 127.0.0.1 with a small object store (``object_store_mb``),
-shut down again when the run ends. A Ray already initialised by the caller (tests share one
-cluster per session) is used as is.
+Ray session: ``distributed.address`` or ``$RAY_ADDRESS`` -> connect to that cluster; neither ->
+start an embedded local Ray bound to 127.0.0.1. :func:`ray_session` is entered once per command
+(a plan, or the quickstart's two plans) and shuts Ray down at the end only if it started it; a Ray
+already initialised by the caller (tests share one cluster per session) is used as is.
 
 Storage: ``distributed.storage_path`` is a local directory or ``s3://bucket/prefix``; for S3 the
 filesystem is built by the data package's fsspec layer (from ``data.storage_options`` when the
@@ -13,17 +13,28 @@ dataset is on S3 too, else from the AWS_* environment) and handed to Ray as a py
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from stackrec_dist.config import JobConfig, config_to_dict
-from stackrec_dist.train.distributed import torch_backend, worker_env
-from stackrec_dist.train.worker import WorkerOptions, train_loop_per_worker
+from stackrec_dist.config import JobConfig, config_from_dict, config_to_dict
+from stackrec_dist.train.checkpoint import COMPLETE_MARKER, Checkpoint, open_checkpoint
+from stackrec_dist.train.device import DeviceChoice, resolve_cluster_device
+from stackrec_dist.train.loop import LoopOptions, TrainLoop, World
 
 log = logging.getLogger(__name__)
+
+# Ray's own logging, set through Ray's settings: a healthy run shows our progress, not Ray internals.
+_QUIET_RAY_ENV = {
+    "RAY_DEDUP_LOGS": "1",
+}
 
 
 def _is_uri(path: str) -> bool:
@@ -41,27 +52,44 @@ def absolutize(job: JobConfig) -> JobConfig:
     train = job.train
     if train.checkpoint_dir and not _is_uri(train.checkpoint_dir):
         train = dataclasses.replace(train, checkpoint_dir=str(Path(train.checkpoint_dir).resolve()))
-    return dataclasses.replace(job, data=data, distributed=dist, train=train)
+    plan = [dataclasses.replace(s, data_path=str(Path(s.data_path).resolve()))
+            if s.data_path and not _is_uri(s.data_path) else s for s in job.plan]
+    return dataclasses.replace(job, data=data, distributed=dist, train=train, plan=plan)
 
 
-def init_ray(job: JobConfig) -> bool:
-    """Connect to or start Ray; True when this call started it (the caller shuts it down)."""
+def for_workers(job: JobConfig) -> JobConfig:
+    """The job as workers get it: absolute local paths, and progress bars only when the driver's
+    console is a terminal (Ray renders the workers' bars there; in a log they are noise)."""
+    job = absolutize(job)
+    if job.train.progress and not sys.stdout.isatty():
+        job = dataclasses.replace(job, train=dataclasses.replace(job.train, progress=False))
+    return job
+
+
+@contextlib.contextmanager
+def ray_session(job: JobConfig) -> Iterator[None]:
+    """Connect to or start Ray for the whole command; shut it down only if this call started it."""
     import ray
 
     if ray.is_initialized():
-        return False
+        yield
+        return
+    for key, value in _QUIET_RAY_ENV.items():
+        os.environ.setdefault(key, value)
     address = job.distributed.address or os.environ.get("RAY_ADDRESS", "")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     else:
         num_cpus = max(2, int(job.distributed.num_workers * job.distributed.cpus_per_worker + 0.999))
-        ray.init(
-            num_cpus=num_cpus,
-            object_store_memory=job.distributed.object_store_mb * 1024 * 1024,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-        )
-    return True
+        # The dashboard process serves Ray's state API, which Ray Train's controller monitor polls:
+        # without it a healthy run logs "Failed to query Ray Train Controller actor state" forever.
+        ray.init(num_cpus=num_cpus, object_store_memory=job.distributed.object_store_mb * 1024 * 1024,
+                 include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                 logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def storage_for(job: JobConfig) -> tuple[str, Any]:
@@ -73,109 +101,260 @@ def storage_for(job: JobConfig) -> tuple[str, Any]:
         return str(Path(local).resolve()), None
     from stackrec_dist.data.storage import arrow_fs, open_fs
 
-    # The dataset's storage options (endpoint, credentials) when it lives on the same kind of
-    # store; otherwise the environment's (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
     same_store = job.data.path.split("://", 1)[0] == path.split("://", 1)[0]
     fs, inside = open_fs(path, job.data.storage_options if same_store else {})
     return inside, arrow_fs(fs)
 
 
-def build_trainer(job: JobConfig, options: WorkerOptions | None = None, resume_from: Any = None,
-                  init_state: Any = None):
-    """The TorchTrainer of a job (not started). ``init_state``: an ObjectRef of initial weights."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def cluster_device(job: JobConfig) -> DeviceChoice:
+    import ray
+
+    return resolve_cluster_device(job.train.device, float(ray.cluster_resources().get("GPU", 0)))
+
+
+def worker_environment(job: JobConfig, choice: DeviceChoice) -> dict[str, str]:
+    from stackrec_dist.growth.ledger import fault_injection_env
+    from stackrec_dist.train.distributed import worker_env
+
+    # The crash-safety tests' fault injection reaches the workers.
+    return {**worker_env(job.distributed, choice.use_gpu), **fault_injection_env()}
+
+
+def build_trainer(job: JobConfig, loop_config: dict[str, Any], run_name: str, choice: DeviceChoice,
+                  num_workers: int):
+    """The TorchTrainer of one worker group (not started)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     dist = job.distributed
-    if dist.num_workers < 1:
-        raise ValueError("distributed.num_workers must be >= 1 for a Ray run (0 = single-process trainer)")
-    job = absolutize(job)
     storage_path, storage_fs = storage_for(job)
-    options = options or WorkerOptions()
-    loop_config = {"job": config_to_dict(job), "options": dataclasses.asdict(options), "init_state": init_state}
     scaling = ScalingConfig(
-        num_workers=dist.num_workers,
-        use_gpu=dist.use_gpu,
-        resources_per_worker={"CPU": dist.cpus_per_worker, **({"GPU": 1} if dist.use_gpu else {})},
+        num_workers=num_workers,
+        use_gpu=choice.use_gpu,
+        resources_per_worker={"CPU": dist.cpus_per_worker, **({"GPU": 1} if choice.use_gpu else {})},
     )
     run = RunConfig(
-        name=job.name,
+        name=run_name,
         storage_path=storage_path,
         storage_filesystem=storage_fs,
         failure_config=FailureConfig(max_failures=dist.max_failures),
-        # Keep by recency: resume must find the latest; best weights travel inside each checkpoint.
+        # Keep by recency: resume must find the latest; stage outputs are kept by the ledger.
         checkpoint_config=CheckpointConfig(num_to_keep=2),
-        worker_runtime_env={"env_vars": worker_env(dist)},
+        worker_runtime_env={"env_vars": worker_environment(job, choice)},
+        # Ray Train's own per-report INFO lines (whole metric dicts) stay in its log files.
+        logging_config=LoggingConfig(log_level="WARNING"),
     )
-    kwargs = {}
-    if resume_from is not None:
-        kwargs["resume_from_checkpoint"] = resume_from
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend=torch_backend(dist.use_gpu)),
-        scaling_config=scaling,
-        run_config=run,
-        **kwargs,
-    )
+    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config,
+                        torch_config=TorchConfig(backend=choice.backend), scaling_config=scaling, run_config=run)
 
 
-def fit_distributed(job: JobConfig, options: WorkerOptions | None = None, resume_from: Any = None,
-                    init_checkpoint: str | Path | None = None):
-    """Run the job on Ray -> ``ray.train.Result`` (``.metrics`` = rank 0's metrics of the latest
-    checkpoint, ``.checkpoint`` = latest checkpoint, ``.path`` = run directory in storage).
+def _fit(trainer) -> Any:
+    from stackrec_dist.errors import unwrap_worker_error
 
-    ``init_checkpoint``: a model checkpoint (single-process ``model.pt`` directory or a DeepSpeed one
-    of any stage/world size, e.g. a freshly grown model) whose weights and model config start the run;
-    the weights travel to the workers through the object store (works on a remote cluster too).
-    """
-    started = init_ray(job)
     try:
-        init_state = None
-        if init_checkpoint is not None:
-            import ray
-
-            from stackrec_dist.growth.model_checkpoint import open_model_checkpoint
-
-            ckpt = open_model_checkpoint(init_checkpoint)
-            job = dataclasses.replace(job, model=ckpt.model_config)
-            init_state = ray.put(ckpt.state_dict())
-        trainer = build_trainer(job, options, resume_from, init_state)
         result = trainer.fit()
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+    except Exception as err:  # Ray wraps what the workers raised
+        raise unwrap_worker_error(err) from None
+    if result.error is not None:
+        raise unwrap_worker_error(result.error) from None
     return result
 
 
+# -- the checkpoint sink of a Ray worker -------------------------------------------------------
+
+
+class RaySink:
+    """Checkpoints through ``ray.train.report``: every rank writes its parts into a local directory,
+    Ray merges the ranks' directories into one checkpoint in storage and keeps the latest ones."""
+
+    def __init__(self, stage: str, wait_for_commit: bool = True):
+        self.stage = stage
+        # Block after each report until Ray's controller has registered it (it polls workers
+        # every 2 s): a worker dying inside that window would lose the checkpoint.
+        self.wait_for_commit = wait_for_commit
+        self._restored: Path | None = None
+
+    def latest(self) -> Checkpoint | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        local = Path(tempfile.mkdtemp(prefix="stackrec-restore-"))
+        checkpoint.to_directory(str(local))
+        self._restored = local
+        return open_checkpoint(local) if (local / COMPLETE_MARKER).exists() else None
+
+    def save(self, loop: TrainLoop, metrics: dict[str, Any]) -> None:
+        import ray.train
+
+        directory = Path(tempfile.mkdtemp(prefix=f"stackrec-ckpt-r{loop.world.rank}-"))
+        try:
+            loop.write_parts(directory)
+            if loop.world.is_main:
+                (directory / COMPLETE_MARKER).write_text("ok\n")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
+                             checkpoint_dir_name=f"checkpoint-{self.stage}-step{loop.state.step:08d}")
+            if self.wait_for_commit and hasattr(ray.train, "get_all_reported_checkpoints"):  # Train V2
+                ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _worker_progress():
+    from ray.experimental.tqdm_ray import tqdm
+
+    return tqdm
+
+
+# -- the worker entry point --------------------------------------------------------------------
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. ``config``: ``{"job": JobConfig dict, "device": "cpu" | "cuda",
+    "options": LoopOptions dict, "init_state": ObjectRef | None}`` for one run, plus ``"segment"``
+    (plan positions, model config, run dir, run id, ledger actor) for a segment of a growth plan."""
+    from stackrec_dist.train import distributed as D
+
+    job = config_from_dict(config["job"], source="<train_loop_config>")
+    options = LoopOptions.from_dict(config.get("options"))
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    choice = DeviceChoice(config["device"])
+    init_state = config.get("init_state")
+    if init_state is not None:
+        import ray
+
+        init_state = ray.get(init_state)
+    ctx = D.init_worker(choice)
+    world = World(choice, ctx)
+    try:
+        segment = config.get("segment")
+        if segment is None:
+            loop = TrainLoop(job, world, init_state, options, sink=RaySink(job.name), progress=_worker_progress())
+            try:
+                loop.fit()
+            finally:
+                loop.close()
+        else:
+            _run_segment_in_worker(job, segment, world, options)
+    finally:
+        D.teardown(ctx)
+
+
+def _run_segment_in_worker(job: JobConfig, segment: dict[str, Any], world: World, options) -> None:
+    import ray
+
+    from stackrec_dist.config import ModelConfig, from_dict
+    from stackrec_dist.growth.coordinator import SegmentStart, run_segment
+
+    ledger = segment["ledger"]
+    # Ask the ledger where to start: after a worker-group restart, stages recorded since the
+    # segment began are not run again (train stages are recorded before the group moves on).
+    point = ray.get(ledger.resume_point.remote(segment["positions"]))
+    if point is None:
+        return
+    start = SegmentStart(point["positions"], from_dict(ModelConfig, point["model_config"], "model"),
+                         point["weights"], point["parent"])
+    pending: list[Any] = []
+
+    def record(rec, weights, model_cfg, info, best, wait):
+        pending.append(ledger.record.remote(dataclasses.asdict(rec), weights, config_to_dict(model_cfg), info, best))
+        if wait:  # a train stage's final weights are safe before the group moves on
+            ray.get(pending)
+            pending.clear()
+
+    run_segment(job, start, world, Path(segment["run_dir"]), segment["run_id"], record,
+                lambda stage_job, stage: RaySink(stage), options=options, progress=_worker_progress())
+    if pending:
+        ray.get(pending)
+
+
+# -- the ledger actor: in-place growth records on the driver's node ------------------------------
+
+
+def _ledger_actor_class():
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=0)
+    class LedgerActor:
+        def __init__(self, run_dir: str, job: dict[str, Any], env: dict[str, str]):
+            os.environ.update(env)
+            from stackrec_dist.growth.ledger import PlanLedger
+
+            self.job = config_from_dict(job, source="<ledger>")
+            self.ledger = PlanLedger(run_dir, [s.name for s in self.job.plan])
+
+        def resume_point(self, segment: list[int]) -> dict[str, Any] | None:
+            from stackrec_dist.growth.coordinator import resume_point
+
+            point = resume_point(self.job, self.ledger, segment)
+            if point is None:
+                return None
+            return {"positions": point.positions, "model_config": config_to_dict(point.model_cfg),
+                    "weights": point.weights, "parent": point.parent}
+
+        def record(self, rec: dict[str, Any], weights, model_cfg: dict[str, Any], info: dict[str, Any], best) -> str:
+            from stackrec_dist.config import ModelConfig, from_dict
+            from stackrec_dist.growth.ledger import StageRecord
+
+            return self.ledger.record(StageRecord(**rec), weights, from_dict(ModelConfig, model_cfg, "model"), info, best)
+
+    return LedgerActor
+
+
+def run_segment_on_ray(cfg: JobConfig, segment: list[int], run_dir: Path, ledger,
+                       options: LoopOptions | None = None) -> None:
+    """One worker group runs a plan segment, growing in place; its records reach ``ledger``'s file
+    through an actor on this (the driver's) node, which also tells (re)started workers where to begin."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from stackrec_dist.growth.coordinator import stage_workers
+    from stackrec_dist.growth.ledger import fault_injection_env
+
+    job = for_workers(cfg)
+    choice = cluster_device(job)
+    workers, _ = stage_workers(job, job.plan[segment[0]])
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor = _ledger_actor_class().options(scheduling_strategy=here).remote(
+        str(run_dir), config_to_dict(job), fault_injection_env())
+    try:
+        loop_config = {
+            "job": config_to_dict(job), "device": choice.kind,
+            "options": dataclasses.asdict(options or LoopOptions()),
+            "segment": {"positions": segment, "run_dir": str(run_dir), "run_id": ledger.run_id, "ledger": actor},
+        }
+        # One Ray run per segment, named after its first stage and the plan run: a rerun after a
+        # crash finds that run's checkpoints again (Ray Train restores a run by name and storage).
+        name = f"{job.name}-{job.plan[segment[0]].name}-{ledger.run_id}"
+        _fit(build_trainer(job, loop_config, name, choice, workers))
+    finally:
+        ray.kill(actor)
+
+
+# -- a single run (no plan) ----------------------------------------------------------------------
+
+
+def fit_distributed(job: JobConfig, options: LoopOptions | None = None, init_state: dict | None = None):
+    """Run one training job on Ray -> ``ray.train.Result`` (``.metrics`` = rank 0's metrics of the
+    latest checkpoint, ``.checkpoint`` = latest checkpoint, ``.path`` = run directory in storage)."""
+    import ray
+
+    job = for_workers(job)
+    with ray_session(job):
+        choice = cluster_device(job)
+        loop_config = {"job": config_to_dict(job), "device": choice.kind,
+                       "options": dataclasses.asdict(options or LoopOptions()),
+                       "init_state": ray.put(init_state) if init_state is not None else None}
+        return _fit(build_trainer(job, loop_config, job.name, choice, job.distributed.num_workers))
+
+
 def local_checkpoint_dir(job: JobConfig, result) -> Path | None:
-    """The latest checkpoint as a local directory (downloaded under train.checkpoint_dir from S3)."""
+    """The latest checkpoint as a local directory ``<train.checkpoint_dir>/last`` (downloaded from S3)."""
     if result.checkpoint is None:
         return None
-    import pyarrow.fs as pafs
-
-    if isinstance(result.checkpoint.filesystem, pafs.LocalFileSystem):
-        return Path(result.checkpoint.path)
-    target = Path(job.train.checkpoint_dir).resolve() / job.name / Path(result.checkpoint.path).name
-    if not target.exists():
-        result.checkpoint.to_directory(str(target))
+    target = Path(job.train.checkpoint_dir).resolve() / "last"
+    if target.exists():
+        shutil.rmtree(target)
+    result.checkpoint.to_directory(str(target))
     return target
-
-
-def run_distributed(job: JobConfig, options: WorkerOptions | None = None, resume_from: Any = None,
-                    init_checkpoint: str | Path | None = None) -> dict[str, Any]:
-    """Run the job on Ray; returns a JSON-able summary: the final metrics (``train/loss``,
-    ``valid/*``, ``step``, ``epoch``, ``best_valid_ndcg@5``, ``best_step``, ...), ``checkpoint`` (local
-    directory of the latest checkpoint: DeepSpeed shards + ``model_config.json`` +
-    ``best-model.pt``) and ``run_path`` (the Ray run directory in storage)."""
-    result = fit_distributed(job, options, resume_from, init_checkpoint)
-    if result.error is not None:
-        raise result.error
-    checkpoint = local_checkpoint_dir(job, result)
-    return {
-        **(result.metrics or {}),
-        "checkpoint": str(checkpoint) if checkpoint is not None else None,
-        "run_path": result.path,
-    }

@@ -28,10 +28,3 @@ class RecommenderLoss(nn.Module):
         hidden = self.model(inputs)
         head = self.model.head
         return sequence_loss(hidden, targets, head.weight, head.bias, self.loss_cfg, log_q=self.log_q)
-
-
-def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], loss_cfg: LossConfig,
-                 log_q: torch.Tensor | None = None) -> torch.Tensor:
-    """batch: inputs (B, L), targets (B, L) -> scalar loss (convenience for tests and benchmarks)."""
-    hidden = model(batch["inputs"])
-    return sequence_loss(hidden, batch["targets"], model.head.weight, model.head.bias, loss_cfg, log_q=log_q)

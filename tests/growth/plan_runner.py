@@ -14,30 +14,30 @@ from pathlib import Path
 import torch
 
 from stackrec_dist.config import JobConfig, config_from_dict
-from stackrec_dist.growth.coordinator import Coordinator
+from stackrec_dist.growth.coordinator import Coordinator, StageResult
 from stackrec_dist.models import build_model
-from stackrec_dist.train.checkpoint import model_config_to_state, save_checkpoint
-from stackrec_dist.train.checkpoint import load_model
 
 
 class PerturbRunner:
+    """A stage trainer for ``Coordinator(stage_trainer=...)``: no optimizer, a seeded perturbation."""
+
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
 
-    def train(self, cfg: JobConfig, init_checkpoint, stage_dir: Path):
+    def __call__(self, job: JobConfig, world, init_state, stage: str, run_id: str, sink, **_) -> StageResult:
         with open(self.run_dir / "calls.log", "a") as f:
-            f.write(stage_dir.name + "\n")
-        torch.manual_seed(cfg.train.seed)
-        model = load_model(init_checkpoint) if init_checkpoint else build_model(cfg.model)
-        g = torch.Generator().manual_seed(len(stage_dir.name))
+            f.write(stage + "\n")
+        torch.manual_seed(job.train.seed)
+        model = build_model(job.model)
+        if init_state is not None:
+            model.load_state_dict(init_state)
+        g = torch.Generator().manual_seed(len(stage))
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.add_(0.05 * torch.randn(p.shape, generator=g)) if not name.endswith("alpha") else p.add_(0.3)
-        out = stage_dir / "best"
-        save_checkpoint(out, {"model": model.state_dict(),
-                              "train_state": {"step": 10, "model_config": model_config_to_state(model.cfg)}})
         history = [{"step": 10, "epoch": 1, "elapsed_s": 0.1, "valid/ndcg@5": 0.1 * model.cfg.num_blocks}]
-        return out, {"steps": 10, "history": history}
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        return StageResult(state, state, {"steps": 10, "train_s": 0.1, "history": history})
 
 
 PLAN = [
@@ -50,7 +50,7 @@ PLAN = [
 
 
 def job(extra: dict | None = None) -> JobConfig:
-    raw = {"model": {"num_items": 30, "dim": 8, "num_blocks": 2}, "plan": PLAN,
+    raw = {"model": {"num_items": 30, "dim": 8, "num_blocks": 2}, "plan": PLAN, "train": {"device": "cpu"},
            "growth": {"method": "adjacent", "alpha_policy": "zero_new"}}
     raw.update(extra or {})
     return config_from_dict(raw)
@@ -59,4 +59,4 @@ def job(extra: dict | None = None) -> JobConfig:
 if __name__ == "__main__":
     run_dir = Path(sys.argv[1])
     extra = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
-    Coordinator(job(extra), run_dir, PerturbRunner(run_dir)).run()
+    Coordinator(job(extra), run_dir, stage_trainer=PerturbRunner(run_dir)).run()

@@ -7,13 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stackrec_dist.growth.coordinator import (
-    PLAN_STATE,
-    STAGE_MANIFEST,
-    Coordinator,
-    verify_stage_output,
-)
-from stackrec_dist.growth.model_checkpoint import open_model_checkpoint
+from stackrec_dist.growth.coordinator import Coordinator
+from stackrec_dist.growth.ledger import PLAN_STATE, STAGE_MANIFEST, verify_stage_output
+from stackrec_dist.train.checkpoint import open_checkpoint
 from stackrec_dist.models import build_model
 from tests.growth.plan_runner import PerturbRunner, job
 
@@ -32,7 +28,7 @@ def _run_subprocess(run_dir: Path, crash: str | None) -> int:
 
 def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
     state = json.loads((run_dir / PLAN_STATE).read_text())
-    return open_model_checkpoint(state["done"][-1]["output"]).state_dict()
+    return open_checkpoint(state["done"][-1]["output"]).model_state()
 
 
 def _calls(run_dir: Path) -> list[str]:
@@ -40,32 +36,29 @@ def _calls(run_dir: Path) -> list[str]:
 
 
 def test_plan_runs_to_final_depth_with_manifests(tmp_path):
-    state = Coordinator(job(), tmp_path, PerturbRunner(tmp_path)).run()
+    state = Coordinator(job(), tmp_path, stage_trainer=PerturbRunner(tmp_path)).run()
     assert [r.name for r in state.done] == ["train-2", "grow-4", "train-4", "grow-8", "train-8"]
     assert [r.blocks for r in state.done] == [2, 4, 4, 8, 8]
     grown = tmp_path / "grow-8" / "grown"
     assert verify_stage_output(grown)
     manifest = json.loads((grown / STAGE_MANIFEST).read_text())
     assert manifest["blocks"] == 8 and manifest["plan_position"] == 3
-    assert manifest["parent"].endswith("train-4/best")
+    assert manifest["parent_blocks"] == 4 and manifest["stage"] == "grow-8"
     assert _calls(tmp_path) == ["train-2", "train-4", "train-8"]
 
 
 def test_grown_checkpoint_preserves_the_parent_function(tmp_path):
-    Coordinator(job(), tmp_path, PerturbRunner(tmp_path)).run()
-    parent = open_model_checkpoint(tmp_path / "train-4" / "best")
-    grown = open_model_checkpoint(tmp_path / "grow-8" / "grown")
-    m_parent, m_grown = build_model(parent.model_config), build_model(grown.model_config)
-    m_parent.load_state_dict(parent.state_dict())
-    m_grown.load_state_dict(grown.state_dict())
+    Coordinator(job(), tmp_path, stage_trainer=PerturbRunner(tmp_path)).run()
+    m_parent, _ = open_checkpoint(tmp_path / "train-4" / "final").load_model("final")
+    m_grown, _ = open_checkpoint(tmp_path / "grow-8" / "grown").load_model("final")
     x = torch.randint(1, 30, (3, 9))
     with torch.no_grad():
         torch.testing.assert_close(m_grown(x), m_parent(x), rtol=0, atol=0)
 
 
 def test_rerun_of_a_finished_plan_does_nothing(tmp_path):
-    Coordinator(job(), tmp_path, PerturbRunner(tmp_path)).run()
-    Coordinator(job(), tmp_path, PerturbRunner(tmp_path)).run()
+    Coordinator(job(), tmp_path, stage_trainer=PerturbRunner(tmp_path)).run()
+    Coordinator(job(), tmp_path, stage_trainer=PerturbRunner(tmp_path)).run()
     assert _calls(tmp_path) == ["train-2", "train-4", "train-8"]
 
 
@@ -118,11 +111,11 @@ def test_half_written_grown_checkpoint_is_never_loaded(tmp_path):
 
 
 def test_recorded_output_that_no_longer_verifies_is_redone(tmp_path):
-    Coordinator(job(), tmp_path, PerturbRunner(tmp_path)).run()
+    Coordinator(job(), tmp_path, stage_trainer=PerturbRunner(tmp_path)).run()
     grown = tmp_path / "grow-8" / "grown"
     with open(grown / "model.pt", "ab") as f:
         f.write(b"corruption")
-    state = Coordinator(job(), tmp_path, PerturbRunner(tmp_path)).run()
+    state = Coordinator(job(), tmp_path, stage_trainer=PerturbRunner(tmp_path)).run()
     assert verify_stage_output(grown)
     assert _calls(tmp_path).count("train-8") == 2 and _calls(tmp_path).count("train-4") == 1
     assert state.done[-1].blocks == 8
@@ -131,10 +124,10 @@ def test_recorded_output_that_no_longer_verifies_is_redone(tmp_path):
 def test_grow_before_any_training_fails_clearly(tmp_path):
     cfg = job({"plan": [{"name": "g", "action": "grow"}]})
     with pytest.raises(ValueError, match="grow needs a trained model"):
-        Coordinator(cfg, tmp_path, PerturbRunner(tmp_path)).run()
+        Coordinator(cfg, tmp_path, stage_trainer=PerturbRunner(tmp_path)).run()
 
 
 def test_leftover_temporary_directories_are_removed(tmp_path):
     (tmp_path / "grow-4" / ".grown.tmp-999").mkdir(parents=True)
-    Coordinator(job(), tmp_path, PerturbRunner(tmp_path)).run()
+    Coordinator(job(), tmp_path, stage_trainer=PerturbRunner(tmp_path)).run()
     assert not list(tmp_path.glob("*/.*.tmp-*"))

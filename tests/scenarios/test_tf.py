@@ -11,8 +11,8 @@ from stackrec_dist.config import PrepareConfig, config_from_dict
 from stackrec_dist.data.manifest import read_manifest
 from stackrec_dist.data.prepare import prepare_dataset, read_id_map
 from stackrec_dist.data.storage import open_fs
-from stackrec_dist.growth.coordinator import PLAN_STATE, STAGE_MANIFEST, verify_stage_output
-from stackrec_dist.growth.model_checkpoint import open_model_checkpoint
+from stackrec_dist.growth.ledger import PLAN_STATE, STAGE_MANIFEST, verify_stage_output
+from stackrec_dist.train.checkpoint import open_checkpoint
 from stackrec_dist.scenarios import SUMMARY, run_plan
 
 
@@ -50,7 +50,7 @@ def tf_run(tmp_path_factory):
 
 
 def _state(path) -> dict[str, torch.Tensor]:
-    return open_model_checkpoint(path).state_dict()
+    return open_checkpoint(path).model_state()
 
 
 def test_domains_share_item_ids(tf_run):
@@ -63,7 +63,7 @@ def test_final_model_and_transferred_weights(tf_run):
     done = json.loads((run_dir / PLAN_STATE).read_text())["done"]
     assert [(r["name"], r["blocks"]) for r in done] == [
         ("train-2", 2), ("grow-4", 4), ("new_head", 4), ("finetune-4", 4)]
-    final = open_model_checkpoint(done[-1]["output"])
+    final = open_checkpoint(done[-1]["output"])
     assert final.model_config.num_blocks == 4
     fs, root = open_fs(tf_run["target"])
     assert final.model_config.num_items == read_manifest(fs, root).num_items
@@ -77,7 +77,7 @@ def test_final_model_and_transferred_weights(tf_run):
     for key in block_keys + ["item_embedding.weight"]:
         assert torch.equal(head[key], grown[key]), key
     # ... and fine-tuning moved them.
-    tuned = final.state_dict()
+    tuned = final.model_state()
     assert any(not torch.equal(tuned[k], head[k]) for k in block_keys if k.endswith("conv1.weight"))
 
 

@@ -10,7 +10,7 @@ from stackrec_dist.train.deepspeed_config import build_deepspeed_config, micro_b
 
 def _build(stage=0, workers=2, accum=1, batch=256, clip=1.0, gpu=False):
     return build_deepspeed_config(
-        DistributedConfig(num_workers=workers, zero_stage=stage, gradient_accumulation_steps=accum, use_gpu=gpu),
+        DistributedConfig(num_workers=workers, zero_stage=stage, gradient_accumulation_steps=accum),
         OptimConfig(grad_clip=clip),
         DataConfig(batch_size=batch),
         use_gpu=gpu,
@@ -49,9 +49,9 @@ def test_stage0_clips_on_the_client():
     from stackrec_dist.train.deepspeed_config import client_clip_norm
 
     assert _build(stage=0, clip=1.0)["gradient_clipping"] == 0.0
-    assert client_clip_norm(DistributedConfig(zero_stage=0), OptimConfig(grad_clip=1.5)) == 1.5
-    assert client_clip_norm(DistributedConfig(zero_stage=2), OptimConfig(grad_clip=1.5)) == 0.0
-    assert client_clip_norm(DistributedConfig(zero_stage=0, use_gpu=True), OptimConfig(grad_clip=1.5)) == 0.0
+    assert client_clip_norm(DistributedConfig(zero_stage=0), OptimConfig(grad_clip=1.5), use_gpu=False) == 1.5
+    assert client_clip_norm(DistributedConfig(zero_stage=2), OptimConfig(grad_clip=1.5), use_gpu=False) == 0.0
+    assert client_clip_norm(DistributedConfig(zero_stage=0), OptimConfig(grad_clip=1.5), use_gpu=True) == 0.0
     assert _build(stage=0, clip=1.0, gpu=True)["gradient_clipping"] == 1.0
 
 

@@ -47,7 +47,8 @@ def test_worker_crash_resumes_and_consumes_each_window_once(ray_local, tmp_path)
     from stackrec_dist.data.stream import build_train_loader
     from stackrec_dist.data.synthetic import generate_sequence_dataset
     from stackrec_dist.train.ray_job import fit_distributed
-    from stackrec_dist.train.worker import WorkerOptions, window_fingerprints
+    from stackrec_dist.train.batches import window_fingerprints
+    from stackrec_dist.train.loop import LoopOptions
 
     data = tmp_path / "data"
     generate_sequence_dataset(str(data), num_sequences=160, num_items=60, seed=3, num_shards=2, row_group_size=20)
@@ -63,7 +64,7 @@ def test_worker_crash_resumes_and_consumes_each_window_once(ray_local, tmp_path)
     })
     marker = tmp_path / "crashed"
     logs = tmp_path / "consumed"
-    result = fit_distributed(job, WorkerOptions(consumed_log_dir=str(logs), fail_at_step=5, fail_rank=1,
+    result = fit_distributed(job, LoopOptions(consumed_log_dir=str(logs), fail_at_step=5, fail_rank=1,
                                                 fail_marker=str(marker)))
     assert result.error is None
     assert marker.exists(), "the crash hook never fired"
@@ -104,12 +105,12 @@ def _equivalence_job(stage: int, accum: int, storage: Path):
 @pytest.mark.parametrize("stage,accum", [(2, 2), (3, 1)])
 def test_zero_matches_single_process_trainer(ray_local, tmp_path, stage, accum):
     from stackrec_dist.train.ray_job import fit_distributed
-    from stackrec_dist.train.worker import WorkerOptions
+    from stackrec_dist.train.loop import LoopOptions
     from stackrec_dist.train.zero_checkpoint import inspect_checkpoint, load_consolidated_state_dict
 
     job = _equivalence_job(stage, accum, tmp_path / "ray")
     logs = tmp_path / "consumed"
-    result = fit_distributed(job, WorkerOptions(data_source="synthetic", synthetic_steps_per_epoch=STEPS,
+    result = fit_distributed(job, LoopOptions(data_source="synthetic", synthetic_steps_per_epoch=STEPS,
                                                 evaluate=False, consumed_log_dir=str(logs)))
     assert result.error is None and result.metrics["step"] == STEPS
     losses, _ = _consumed(logs)
@@ -137,9 +138,9 @@ def test_zero_matches_single_process_trainer(ray_local, tmp_path, stage, accum):
 def test_checkpoints_to_s3_storage(ray_local, s3_server, tmp_path):
     from stackrec_dist.data.storage import open_fs
     from stackrec_dist.data.synthetic import generate_sequence_dataset
-    from stackrec_dist.train.ray_job import run_distributed
-    from stackrec_dist.train.worker import WorkerOptions
-    from stackrec_dist.train.zero_checkpoint import load_consolidated_state_dict
+    from stackrec_dist.train.checkpoint import open_checkpoint
+    from stackrec_dist.train.loop import LoopOptions
+    from stackrec_dist.train.ray_job import fit_distributed, local_checkpoint_dir
 
     prefix = f"s3://{s3_server.bucket}/dist-{uuid.uuid4().hex[:10]}"
     opts = s3_server.storage_options
@@ -150,48 +151,55 @@ def test_checkpoints_to_s3_storage(ray_local, s3_server, tmp_path):
         "model": {"dim": 16, "num_blocks": 2},
         "data": {"path": f"{prefix}/data", "batch_size": 16, "max_len": 10, "storage_options": opts},
         "eval": {"batch_size": 64},
-        "train": {"max_steps": 4, "eval_every": 2, "patience": 0},
+        "train": {"max_steps": 4, "eval_every": 2, "patience": 0, "checkpoint_dir": str(tmp_path / "local-ckpt")},
         "distributed": {"num_workers": 2, "zero_stage": 3, "storage_path": f"{prefix}/ray"},
     })
-    job.train.checkpoint_dir = str(tmp_path / "local-ckpt")
-    summary = run_distributed(job, WorkerOptions())
-    assert summary["step"] == 4 and summary["valid/count"] == 80
-    assert summary["run_path"].startswith(f"{s3_server.bucket}/")
+    result = fit_distributed(job, LoopOptions())
+    assert result.metrics["step"] == 4 and result.metrics["valid/count"] == 80
+    assert result.checkpoint.path.startswith(f"{s3_server.bucket}/")
     fs, _ = open_fs(prefix, opts)
     fs.invalidate_cache()
-    ckpt = f"{summary['run_path']}/checkpoint-step00000004"
-    names = {p.rsplit("/", 1)[-1] for p in fs.find(ckpt)}
-    assert {"train_state.json", "model_config.json", "cursor-rank0.json", "cursor-rank1.json", "latest"} <= names
+    names = {p.rsplit("/", 1)[-1] for p in fs.find(result.checkpoint.path)}
+    assert {"train_state.json", "cursor-rank0.json", "cursor-rank1.json", "latest", "COMPLETE"} <= names
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= names
-    # The summary's checkpoint is a local copy (downloaded under train.checkpoint_dir); it consolidates.
-    local = Path(summary["checkpoint"])
-    assert local.is_relative_to(tmp_path / "local-ckpt")
-    full = load_consolidated_state_dict(local)
-    assert "head.weight" in full and all(torch.isfinite(t).all() for t in full.values())
+    # The one reader takes the checkpoint straight from the store, and as a local copy.
+    remote = open_checkpoint(f"s3://{result.checkpoint.path}", opts)
+    local = open_checkpoint(local_checkpoint_dir(job, result))
+    assert local.path.is_relative_to(tmp_path / "local-ckpt")
+    for checkpoint in (remote, local):
+        assert checkpoint.engine == {"kind": "deepspeed", "zero_stage": 3, "world_size": 2, "tag": "engine"}
+        full = checkpoint.model_state()
+        assert "head.weight" in full and all(torch.isfinite(t).all() for t in full.values())
 
 
-def test_init_checkpoint_starts_from_given_weights(ray_local, tmp_path):
-    """A DeepSpeed checkpoint (ZeRO-3, 2 workers) starts a new run as its initial weights, as the
-    growth coordinator does with a grown model; the model config comes from the checkpoint."""
-    from stackrec_dist.growth.model_checkpoint import open_model_checkpoint
-    from stackrec_dist.train.ray_job import run_distributed
-    from stackrec_dist.train.worker import WorkerOptions
-    from stackrec_dist.train.zero_checkpoint import load_consolidated_state_dict
+def test_zero3_checkpoint_of_two_workers_goes_through_evaluate_grow_and_init(ray_local, tiny_dataset, tmp_path,
+                                                                            capsys):
+    """`stackrec train` on 2 Ray workers at ZeRO-3 ends with a test table; its checkpoint is accepted
+    by `stackrec evaluate`, `stackrec grow` and `stackrec train --init` (one process)."""
+    from stackrec_dist.cli import main
 
-    job = _equivalence_job(3, 1, tmp_path / "ray")
-    job.train.max_steps, job.train.eval_every = 2, 2
-    options = WorkerOptions(data_source="synthetic", synthetic_steps_per_epoch=2, evaluate=False)
-    first = run_distributed(job, options)
-    parent = open_model_checkpoint(first["checkpoint"])
-    assert parent.model_config == job.model
-    start = parent.state_dict()
-
-    job2 = _equivalence_job(3, 1, tmp_path / "ray")
-    job2.name = "from-init"
-    job2.model.dim = 8  # replaced by the checkpoint's own config
-    job2.optim.lr, job2.train.max_steps, job2.train.eval_every = 1e-12, 1, 1
-    second = run_distributed(job2, options, init_checkpoint=first["checkpoint"])
-    after = load_consolidated_state_dict(second["checkpoint"])
-    assert sorted(after) == sorted(start)
-    for name, tensor in start.items():
-        torch.testing.assert_close(after[name], tensor, rtol=0, atol=1e-8, msg=name)
+    common = ["--set", f"data.path={tiny_dataset}", "--set", "data.max_len=20", "--set", "data.batch_size=32",
+              "--set", "model.dim=16", "--set", "model.num_blocks=2", "--set", "eval.batch_size=128",
+              "--set", "train.progress=false", "--set", "growth.alpha_policy=zero_new"]
+    run = tmp_path / "run"
+    assert main(["train", *common, "--set", "train.max_steps=4", "--set", "train.eval_every=2",
+                 "--set", f"train.checkpoint_dir={run}", "--set", "distributed.num_workers=2",
+                 "--set", "distributed.zero_stage=3", "--set", f"distributed.storage_path={tmp_path / 'ray'}"]) == 0
+    out = capsys.readouterr().out
+    trained = json.loads(out.splitlines()[-1].split(" ", 1)[1])
+    assert "test" in out and trained["test/count"] == 300
+    last = run / "last"
+    assert json.loads((last / "train_state.json").read_text())["engine"]["world_size"] == 2
+    assert main(["evaluate", *common, "--checkpoint", str(last), "--split", "test"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.splitlines()[-1].split(" ", 1)[1])
+    # The same best weights as the run's own test evaluation.
+    assert evaluated["test/ndcg@5"] == pytest.approx(trained["test/ndcg@5"], abs=1e-9)
+    assert main(["grow", *common, "--checkpoint", str(last), "--output", str(tmp_path / "grown")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", *common, "--checkpoint", str(tmp_path / "grown"), "--split", "test"]) == 0
+    grown = json.loads(capsys.readouterr().out.splitlines()[-1].split(" ", 1)[1])
+    assert grown["test/ndcg@5"] == pytest.approx(trained["test/ndcg@5"], abs=1e-6)  # zero_new keeps the function
+    assert main(["train", *common, "--init", str(tmp_path / "grown"), "--set", "train.max_steps=2",
+                 "--set", "train.eval_every=2", "--set", f"train.checkpoint_dir={tmp_path / 'deeper'}"]) == 0
+    deeper = json.loads((tmp_path / "deeper" / "last" / "train_state.json").read_text())
+    assert deeper["model_config"]["num_blocks"] == 4 and deeper["engine"]["kind"] == "torch"

@@ -41,13 +41,16 @@ def _job(stage: int):
 def _save_worker(rank: int, port: int, job_dict: dict, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    from stackrec_dist.train.worker import WorkerLoop, WorkerOptions
+    from stackrec_dist.train import distributed as D
+    from stackrec_dist.train.device import DeviceChoice
+    from stackrec_dist.train.loop import LoopOptions, TrainLoop, World
 
     job = config_from_dict(job_dict)
-    loop = WorkerLoop(job, WorkerOptions(data_source="synthetic", synthetic_steps_per_epoch=STEPS))
-    loop._iter, loop.exhausted = None, False
+    choice = DeviceChoice("cpu")
+    loop = TrainLoop(job, World(choice, D.init_worker(choice)),
+                     options=LoopOptions(data_source="synthetic", synthetic_steps_per_epoch=STEPS))
     losses = [loop.train_step(loop._next_batch()) for _ in range(STEPS)]
-    loop.engine.save_checkpoint(out, tag="t")
+    loop.engine.engine.save_checkpoint(out, tag="t")
     full = loop.full_model_state()  # a collective under ZeRO-3
     if rank == 0:
         torch.save(full, Path(out) / "gathered.pt")
