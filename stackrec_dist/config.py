@@ -169,8 +169,9 @@ class DataConfig:
         "Write bad rows aside (and count them) instead of failing on the first one.", default=False
     )
     verify_checksums: bool = _doc(
-        "Check each shard's sha256 against the manifest when a reader first opens it (reads the shard "
-        "once more, about 0.5 s per GB here: docs/data.md). Sizes and footers are always checked.",
+        "Check every shard's sha256 against the manifest before the first batch, once per shard and "
+        "process (reads it once more: about 1.1 s per GiB on local disk, docs/data.md). Sizes and "
+        "footers are always checked.",
         default=True,
     )
     storage_retry_s: float = _doc(

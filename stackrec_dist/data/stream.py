@@ -43,7 +43,7 @@ from stackrec_dist.config import DataConfig
 
 from .errors import CorruptFileError, DataError, ManifestError, MissingShardError
 from .manifest import Manifest, check_sequence_schema, file_digest, read_manifest
-from .storage import StorageError, arrow_fs, display_path, is_s3, open_fs, retrying
+from .storage import StorageError, arrow_fs, display_path, is_local, is_s3, open_fs, retrying
 
 CURSOR_VERSION = 1
 QUARANTINE_DIR = "_quarantine"
@@ -136,11 +136,22 @@ class _ShardReader:
         self._open: OrderedDict[int, pq.ParquetFile] = OrderedDict()
         self.max_open = max_open
         self.retry_s = retry_s
+        self._missing: dict[int, MissingShardError] = {}  # found missing after the retry budget
 
     def show(self, path: str) -> str:
         return display_path(self.fs, path)
 
     def _probe(self) -> None:
+        """Called by ``retrying`` when a shard looks missing: raising means "outage, retry".
+
+        Locally a missing file is missing if the manifest is still there. On an object store the
+        shard was listed with its size when the reader started, and a store that is restarting
+        answers 404 for objects it has not loaded yet (SeaweedFS does, while ``manifest.json``
+        already answers): it is taken for an outage until ``data.storage_retry_s`` runs out, then
+        reported as a missing shard.
+        """
+        if not is_local(self.fs):
+            raise FileNotFoundError("listed in the manifest: retried as an outage")
         self.fs.info(posixpath.join(self.root, "manifest.json"))
 
     def parquet(self, shard: int, path: str) -> pq.ParquetFile:
@@ -148,6 +159,8 @@ class _ShardReader:
         if pf is not None:
             self._open.move_to_end(shard)
             return pf
+        if shard in self._missing:  # waited for once already: the next row groups fail at once
+            raise self._missing[shard]
         shown = self.show(path)
         info = self.shards[shard]
         key = (shown, info.sha256, info.bytes)
@@ -172,7 +185,8 @@ class _ShardReader:
             pf = retrying(_open, shown, probe=self._probe, budget_s=self.retry_s)
         except StorageError as err:
             if isinstance(err.__cause__, FileNotFoundError):
-                raise MissingShardError("shard listed in the manifest does not exist", path=shown) from err
+                self._missing[shard] = MissingShardError("shard listed in the manifest does not exist", path=shown)
+                raise self._missing[shard] from err
             if _undecodable(err):
                 raise CorruptFileError(f"not a readable Parquet file: {err.__cause__}", path=shown) from err
             raise
@@ -583,8 +597,7 @@ class SequenceStream(IterableDataset):
         self.root = root
         self.shown_root = display_path(fs, root)
         # Validate before training: manifest fields, every shard exists with its recorded size.
-        self.manifest = retrying(lambda: read_manifest(fs, root, check_files=True), f"{self.shown_root}/manifest.json",
-                                 budget_s=data_cfg.storage_retry_s)
+        self.manifest = _read_manifest(fs, root, data_cfg.storage_retry_s)
         self.units = _units(self.manifest, root, split)
         self.num_items = self.manifest.num_items
         self.fingerprint = _fingerprint(self.manifest, split)
@@ -1009,6 +1022,19 @@ def build_train_loader(data_cfg: DataConfig, split: str = "train", rank: int = 0
                        **stream_kwargs: Any) -> StatefulLoader:
     """The training reader of one rank: iterate = the rest of one epoch from the cursor."""
     return StatefulLoader(SequenceStream(data_cfg, split, rank, world_size, **stream_kwargs))
+
+
+def _read_manifest(fs: Any, root: str, retry_s: float) -> Manifest:
+    shown = f"{display_path(fs, root)}/manifest.json"
+    return retrying(lambda: read_manifest(fs, root, check_files=True), shown, budget_s=retry_s)
+
+
+def read_dataset_manifest(data_cfg: DataConfig) -> Manifest:
+    """The dataset's manifest as every reader reads it: fields validated, every shard present with
+    its recorded size, storage failures retried for ``data.storage_retry_s`` and reported as
+    StorageError naming the object (e.g. for ``num_items`` before a model is built)."""
+    fs, root = open_fs(data_cfg.path, data_cfg.storage_options)
+    return _read_manifest(fs, root, data_cfg.storage_retry_s)
 
 
 def iter_row_lengths(data_cfg: DataConfig, split: str = "train") -> Iterator[np.ndarray]:

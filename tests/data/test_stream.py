@@ -530,3 +530,16 @@ def test_iter_row_lengths_checks_like_the_reader(tmp_path):
     with pytest.raises(DataError, match=r"part-00001.parquet row group 0 row 2 field item_ids: null sequence"):
         list(iter_row_lengths(cfg_for(uri)))
     assert sorted(np.concatenate(list(iter_row_lengths(cfg_for(uri, quarantine=True)))).tolist()) == [0, 2, 3, 3, 4, 4]
+
+
+def test_read_dataset_manifest_names_the_problem(tmp_path):
+    from stackrec_dist.data.stream import read_dataset_manifest
+
+    uri = _bad_dataset(tmp_path, [[1, 2]])
+    assert read_dataset_manifest(cfg_for(uri)).num_items == 50
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StorageError, match=rf"{blocker}/manifest.json: NotADirectoryError"):
+        read_dataset_manifest(cfg_for(str(blocker)))
+    with pytest.raises(ManifestError, match="no manifest"):
+        read_dataset_manifest(cfg_for(str(tmp_path)))
