@@ -5,7 +5,9 @@ A raw log has one row per interaction with a user column, an item column and a t
 ``iter_batches``), never whole, so logs larger than memory can be prepared.
 
 Row numbers in errors are 0-based indices of data rows within their file (a CSV header is not
-counted; the message adds the 1-based CSV line).
+counted; the message adds the 1-based CSV line, also for a malformed line met by the
+multi-threaded parser). CSV values are read as bytes: a value that is not UTF-8 is a bad row of
+its field (set aside in quarantine mode), not a failure of the whole block.
 
 Timestamps may be integers (kept as given: any epoch unit), decimal numbers (floored), ISO-8601
 strings or Arrow timestamp/date values (converted to epoch seconds).

@@ -242,8 +242,9 @@ class _ShardReader:
             return 0
 
 
-# Shards whose sha256 matched the manifest in this process: (shown path, sha256, bytes). A shard
-# is hashed on its first read per process, not on every epoch or validation.
+# Shards whose sha256 matched the manifest, and whose footer matched it, in this process:
+# (shown path, sha256, bytes). Checked once per process (SequenceStream.verify_shards, or the
+# first read with verify_at_start=False), not on every epoch or validation.
 _VERIFIED_SHARDS: set[tuple[str, str, int]] = set()
 _FOOTERS_OK: set[tuple[str, str, int]] = set()
 

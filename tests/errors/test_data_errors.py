@@ -17,6 +17,7 @@ def _shard(dataset, split="train", k=0):
     return dataset / split / f"part-{k:05d}.parquet"
 
 
+@pytest.mark.slow  # a training start-up in a subprocess: about 5 s
 def test_shard_changed_in_place_same_size(dataset, tmp_path):
     path = _shard(dataset)
     data = bytearray(path.read_bytes())
@@ -28,6 +29,7 @@ def test_shard_changed_in_place_same_size(dataset, tmp_path):
     assert_one_line(res, DATA, "data", "train/part-00000.parquet", "sha256", "!= manifest")
 
 
+@pytest.mark.slow  # a training start-up in a subprocess: about 5 s
 def test_corrupt_footer_with_checksums_off(dataset, tmp_path):
     path = _shard(dataset)
     data = bytearray(path.read_bytes())
@@ -79,6 +81,7 @@ def test_null_sequence_in_evaluation(dataset, tmp_path, checkpoint):
     assert_one_line(res, DATA, "data", "test/part-00000.parquet row group 0 row 3 field item_ids: null sequence")
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="train/data_info.count_windows (owned by the trainer rewrite) reads "
                    "lengths with a bare ParquetFile; it should use stackrec_dist.data.stream.iter_row_lengths")
 def test_null_sequence_in_training(dataset, tmp_path):

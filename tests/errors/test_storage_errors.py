@@ -54,3 +54,28 @@ def test_prepare_output_permission_denied(tmp_path):
     res = run_cli("prepare", "--set", "prepare.source=synthetic", "--set", "prepare.synthetic_users=20",
                   "--set", "prepare.output=/sys/stackrec-test-out", tmp_path=tmp_path)
     assert_one_line(res, STORAGE, "storage", "/sys/stackrec-test-out", "permission denied")
+
+
+@pytest.mark.slow
+def test_s3_permission_denied(tmp_path, s3_server, s3_dataset_root, corpus_source, checkpoint):
+    from stackrec_dist.data.storage import open_fs
+
+    fs, root = open_fs(s3_dataset_root, s3_server.storage_options)
+    fs.put(str(corpus_source), root, recursive=True)
+    wrong = {**s3_server.storage_options, "secret": "wrong"}
+    job = write_job(tmp_path, s3_dataset_root, data={"storage_options": wrong})
+    res = run_cli("evaluate", "--config", str(job), "--checkpoint", str(checkpoint), tmp_path=tmp_path, timeout=60)
+    assert_one_line(res, STORAGE, "storage", f"{s3_dataset_root}/manifest.json", "PermissionError",
+                    "permanent, not retried")
+    assert res.wall_s < 20, res.wall_s  # permanent: not retried
+
+
+def test_local_permission_denied(tmp_path, dataset, checkpoint):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root reads files whatever their mode (the /sys and S3 tests cover this case)")
+    (dataset / "manifest.json").chmod(0)
+    res = run_cli("evaluate", "--config", str(write_job(tmp_path, dataset)), "--checkpoint", str(checkpoint),
+                  tmp_path=tmp_path)
+    assert_one_line(res, STORAGE, "storage", f"{dataset}/manifest.json", "PermissionError")
