@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
 from stackrec_dist.config import ConfigError, JobConfig, dump_config, load_config
-from stackrec_dist.errors import StackrecError
+from stackrec_dist.errors import StackrecError, unwrap_worker_error
 
 log = logging.getLogger("stackrec")
 
@@ -150,6 +152,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stackrec", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (always written to $STACKREC_ERROR_LOG or "
+                             "~/.cache/stackrec/last-error.log)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("config", help="print the resolved config")
@@ -202,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:  # pragma: no cover - launch module is optional at import time
         pass
     p.set_defaults(func=cmd_submit)
+    for p in sub.choices.values():  # `stackrec train --debug ...` works as well as `stackrec --debug train`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -211,9 +218,40 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except StackrecError as err:
-        print(f"stackrec: {err.kind} error: {err}", file=sys.stderr)
-        return err.exit_code
+    except KeyboardInterrupt:
+        print("stackrec: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - user errors become one line, bugs are re-raised
+        err = unwrap_worker_error(exc)
+        if not isinstance(err, StackrecError):
+            raise
+        return report_error(err, exc, debug=args.debug)
+
+
+def error_log_path() -> Path:
+    """Where the traceback of the last failed command goes: ``$STACKREC_ERROR_LOG`` or
+    ``~/.cache/stackrec/last-error.log``."""
+    return Path(os.environ.get("STACKREC_ERROR_LOG") or Path.home() / ".cache" / "stackrec" / "last-error.log")
+
+
+def report_error(err: StackrecError, raised: BaseException, debug: bool = False) -> int:
+    """Print ``stackrec: <kind> error: <message>`` (one line, last on stderr); return the exit code.
+
+    The traceback of ``raised`` (with its chained causes) goes to :func:`error_log_path` and, with
+    ``--debug``, to stderr above the line.
+    """
+    trace = "".join(traceback.format_exception(raised))
+    try:
+        path = error_log_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"stackrec {' '.join(sys.argv[1:])}\n{trace}")
+    except OSError:
+        pass  # the log is a convenience; the message below is what matters
+    if debug:
+        print(trace, file=sys.stderr, end="")
+    message = " ".join(str(err).split()) or type(err).__name__
+    print(f"stackrec: {err.kind} error: {message}", file=sys.stderr, flush=True)
+    return err.exit_code
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ without a debugger. ``docs/errors.md`` lists the classes and what to do about ea
 
 from __future__ import annotations
 
+import os
+import re
+from typing import Any
+
 
 class StackrecError(Exception):
     """Base of every user-facing error; ``exit_code`` is what the CLI exits with."""
@@ -55,26 +59,104 @@ class TrainingError(StackrecError):
     kind = "training"
 
 
-def unwrap_worker_error(err: BaseException) -> BaseException:
-    """The first :class:`StackrecError` inside Ray's wrappers (task errors, worker-group errors),
-    so that an input error raised in a worker reaches the user as its own one line."""
+# -- checkpoint files ----------------------------------------------------------------------------
+
+
+def safe_torch_load(path: "str | os.PathLike[str]", map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``; every failure is a one-line :class:`CheckpointError`.
+
+    Missing file, a directory, a truncated or corrupt file, and a file that holds pickled code or
+    objects (refused by ``weights_only``) each raise ``CheckpointError`` naming the file. Torch's
+    own text for a refused pickle (which suggests ``weights_only=False``) is never shown: such a
+    file is never loaded. The original exception is chained (visible under ``--debug``).
+    """
+    import pickle
+    import zipfile
+
+    import torch
+
+    shown = os.fspath(path)
+    if not os.path.exists(shown):
+        raise CheckpointError(f"{shown}: checkpoint file does not exist")
+    if os.path.isdir(shown):
+        raise CheckpointError(f"{shown}: is a directory, a checkpoint file was expected")
+    try:
+        return torch.load(shown, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        refused = re.search(r"GLOBAL ([\w.]+)", text)
+        if refused:
+            raise CheckpointError(
+                f"{shown}: refused to load: the file holds pickled Python objects ({refused.group(1)}), "
+                "not plain tensors and numbers; it is not a stackrec checkpoint or was tampered with"
+            ) from err
+        raise CheckpointError(f"{shown}: corrupt checkpoint file ({_first_line(text, skip_torch_advice=True)})") from err
+    except (EOFError, RuntimeError, ValueError, zipfile.BadZipFile) as err:
+        size = os.path.getsize(shown)
+        what = "empty" if size == 0 else "truncated or corrupt"
+        raise CheckpointError(f"{shown}: {what} checkpoint file ({size} bytes): {_first_line(str(err)) or type(err).__name__}") from err
+    except PermissionError as err:
+        raise CheckpointError(f"{shown}: cannot read the checkpoint file: permission denied") from err
+    except OSError as err:
+        raise CheckpointError(f"{shown}: cannot read the checkpoint file: {err.strerror or err}") from err
+
+
+def _first_line(text: str, skip_torch_advice: bool = False) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if skip_torch_advice:
+        lines = [line for line in lines if "weights_only" not in line and "Weights only load failed" not in line]
+    return lines[0].rstrip(".") if lines else ""
+
+
+# -- errors raised inside Ray workers ------------------------------------------------------------
+
+
+def unwrap_worker_error(exc: BaseException) -> BaseException:
+    """The original exception inside Ray's wrappers, so the CLI can print its one line.
+
+    Looks through ``ray.exceptions.RayTaskError`` (``.cause``), Ray Train v2's
+    ``WorkerGroupError`` (``.worker_failures``: rank -> exception, lowest rank first),
+    ``ControllerError`` (``.controller_failure``), ``UserExceptionWithTraceback``
+    (``._base_exc``) and, for Ray's own exception types only, ``__cause__``. Returns the first
+    :class:`StackrecError` found; else the innermost exception of the first chain; ``exc`` itself
+    when it is not a Ray wrapper. Imports nothing from Ray.
+    """
+    first_leaf: BaseException | None = None
+    stack = [exc]
     seen: set[int] = set()
-    stack = [err]
     while stack:
-        current = stack.pop(0)
-        if id(current) in seen or current is None:
+        cur = stack.pop(0)
+        if id(cur) in seen:
             continue
-        seen.add(id(current))
-        if isinstance(current, StackrecError):
-            return current
-        for attr in ("cause", "__cause__", "__context__"):
-            inner = getattr(current, attr, None)
-            if isinstance(inner, BaseException):
-                stack.append(inner)
-        for attr in ("worker_failures", "errors"):
-            inner = getattr(current, attr, None)
-            if isinstance(inner, dict):
-                stack.extend(v for v in inner.values() if isinstance(v, BaseException))
-            elif isinstance(inner, (list, tuple)):
-                stack.extend(v for v in inner if isinstance(v, BaseException))
-    return err
+        seen.add(id(cur))
+        inner = _ray_inner(cur)
+        if inner:
+            stack = inner + stack  # depth first, in rank order
+            continue
+        if isinstance(cur, StackrecError):
+            return cur
+        if first_leaf is None:
+            first_leaf = cur
+    return first_leaf if first_leaf is not None else exc
+
+
+def _ray_inner(exc: BaseException) -> list[BaseException]:
+    """The exceptions a Ray wrapper holds (empty for anything that is not one)."""
+    if not type(exc).__module__.startswith("ray") and not _is_ray_dual(exc):
+        return []
+    found: list[Any] = []
+    failures = getattr(exc, "worker_failures", None)
+    if isinstance(failures, dict):
+        found += [failures[k] for k in sorted(failures, key=lambda k: (str(type(k)), k))]
+    for attr in ("controller_failure", "_base_exc", "cause"):
+        value = exc.__dict__.get(attr) if hasattr(exc, "__dict__") else None
+        if value is not None:
+            found.append(value)
+    if exc.__cause__ is not None:
+        found.append(exc.__cause__)
+    return [e for e in found if isinstance(e, BaseException) and e is not exc]
+
+
+def _is_ray_dual(exc: BaseException) -> bool:
+    # RayTaskError(X) instances are of a class made at run time inside ray.exceptions.
+    return any(c.__module__.startswith("ray.") for c in type(exc).__mro__[1:] if c.__name__ == "RayTaskError")

@@ -58,9 +58,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import PrepareConfig
-from .errors import DataError
+from .errors import CorruptFileError, DataError
 from .manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, write_manifest
-from .storage import display_path, open_fs
+from .storage import display_path, open_fs, storage_errors
 from .raw import BadRows, RawBatch, RawColumns, bad_rows_table, QUARANTINE_SCHEMA, estimate_rows, iter_raw, list_raw_files, raw_input_bytes
 from .writer import SplitWriter, sequence_table
 
@@ -148,25 +148,30 @@ def prepare_dataset(
     if quarantine is None:
         quarantine = cfg.quarantine
     uri = resolve_source(cfg, cache_dir)
-    src_fs, src_path = open_fs(uri, storage_options)
-    files = list_raw_files(src_fs, src_path)
-    input_bytes = raw_input_bytes(src_fs, files)
+    with storage_errors(uri):
+        src_fs, src_path = open_fs(uri, storage_options)
+        files = list_raw_files(src_fs, src_path)
+        input_bytes = raw_input_bytes(src_fs, files)
     budget_rows = max(1024, cfg.memory_limit_mb * (1 << 20) // BYTES_PER_ROW)
     if num_buckets is None:
         # x2: hash buckets are uneven; a bucket over budget is still loaded (whole users must be).
-        wanted = math.ceil(2 * estimate_rows(src_fs, files) / budget_rows)
+        with storage_errors(uri):
+            wanted = math.ceil(2 * estimate_rows(src_fs, files) / budget_rows)
         num_buckets = 1 << max(0, math.ceil(math.log2(max(1, wanted))))
     if num_buckets < 1 or num_buckets & (num_buckets - 1) or num_buckets > MAX_BUCKETS:
         raise ValueError(f"num_buckets must be a power of two in [1, {MAX_BUCKETS}] (got {num_buckets})")
 
-    out_fs, root = open_fs(cfg.output, storage_options)
-    _clear_output(out_fs, root)
-    own_spill = tempfile.mkdtemp(prefix="stackrec-prepare-", dir=spill_dir)
-    try:
-        state = _pass1(uri, storage_options, columns, quarantine, num_buckets, own_spill, out_fs, root, budget_rows)
-        report = _finish(cfg, state, out_fs, root, budget_rows)
-    finally:
-        shutil.rmtree(own_spill, ignore_errors=True)
+    # A file named by the OS error (permission denied, a file where a directory is expected) is
+    # named in the message; otherwise the output.
+    with storage_errors(cfg.output):
+        out_fs, root = open_fs(cfg.output, storage_options)
+        _clear_output(out_fs, root)
+        own_spill = tempfile.mkdtemp(prefix="stackrec-prepare-", dir=spill_dir)
+        try:
+            state = _pass1(uri, storage_options, columns, quarantine, num_buckets, own_spill, out_fs, root, budget_rows)
+            report = _finish(cfg, state, out_fs, root, budget_rows)
+        finally:
+            shutil.rmtree(own_spill, ignore_errors=True)
     report.input_bytes = input_bytes
     report.wall_s = round(time.perf_counter() - t0, 3)
     report.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -669,8 +674,12 @@ def _write_id_maps(
 def read_id_map(uri: str, name: str = "items", storage_options: dict[str, Any] | None = None) -> dict[str, int]:
     """original id -> dense id, from a prepared dataset's ``id_maps/<name>.parquet``."""
     fs, root = open_fs(uri, storage_options)
-    with fs.open(posixpath.join(root, "id_maps", f"{name}.parquet"), "rb") as f:
-        table = pq.read_table(f)
+    path = posixpath.join(root, "id_maps", f"{name}.parquet")
+    with storage_errors(display_path(fs, path)), fs.open(path, "rb") as f:
+        try:
+            table = pq.read_table(f)
+        except pa.ArrowException as err:
+            raise CorruptFileError(f"not a readable Parquet file: {err}", path=display_path(fs, path)) from err
     return dict(zip(table.column("original_id").to_pylist(), table.column("dense_id").to_pylist()))
 
 

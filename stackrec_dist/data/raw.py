@@ -5,7 +5,9 @@ A raw log has one row per interaction with a user column, an item column and a t
 ``iter_batches``), never whole, so logs larger than memory can be prepared.
 
 Row numbers in errors are 0-based indices of data rows within their file (a CSV header is not
-counted; the message adds the 1-based CSV line).
+counted; the message adds the 1-based CSV line, also for a malformed line met by the
+multi-threaded parser). CSV values are read as bytes: a value that is not UTF-8 is a bad row of
+its field (set aside in quarantine mode), not a failure of the whole block.
 
 Timestamps may be integers (kept as given: any epoch unit), decimal numbers (floored), ISO-8601
 strings or Arrow timestamp/date values (converted to epoch seconds).
@@ -26,7 +28,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from .errors import BadRowError, DataError, SchemaError
-from .storage import display_path, open_fs
+from .storage import as_storage_error, display_path, open_fs
 
 CSV_SUFFIXES = (".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".csv.bz2", ".csv.zst")
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parquet.brotli", ".parquet.snappy", ".parquet.zstd")
@@ -116,7 +118,7 @@ def estimate_rows(fs: fsspec.AbstractFileSystem, files: list[str]) -> int:
     for p in files:
         if _is_parquet(p):
             with fs.open(p, "rb") as f:
-                total += pq.ParquetFile(f).metadata.num_rows
+                total += _parquet_file(f, display_path(fs, p)).metadata.num_rows
         else:
             # "1,2,3\n" is 6 bytes; real logs are longer, so this over-estimates: safe for sizing.
             total += (fs.size(p) or 0) // 8 + 1
@@ -188,13 +190,30 @@ def _parquet_batches(
     fs: fsspec.AbstractFileSystem, path: str, shown: str, columns: RawColumns, batch_rows: int
 ) -> Iterator[pa.RecordBatch]:
     with fs.open(path, "rb") as f:
-        try:
-            pf = pq.ParquetFile(f)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise DataError(f"not a readable Parquet file: {err}", path=shown) from None
+        pf = _parquet_file(f, shown)
         names = pf.schema_arrow.names
         _check_columns(names, columns, shown)
-        yield from pf.iter_batches(batch_size=batch_rows, columns=columns.names())
+        try:
+            yield from pf.iter_batches(batch_size=batch_rows, columns=columns.names())
+        except (pa.ArrowException, OSError) as err:
+            if as_storage_error(err, shown) is not None and not _undecodable(err):
+                raise
+            raise DataError(f"cannot decode: {err}", path=shown) from err
+
+
+def _parquet_file(f: Any, shown: str) -> pq.ParquetFile:
+    """``pq.ParquetFile(f)``; an undecodable file (footer, magic bytes) is a DataError naming it."""
+    try:
+        return pq.ParquetFile(f)
+    except (pa.ArrowException, OSError) as err:
+        if as_storage_error(err, shown) is not None and not _undecodable(err):
+            raise
+        raise DataError(f"not a readable Parquet file: {err}", path=shown) from err
+
+
+def _undecodable(err: BaseException) -> bool:
+    # Arrow reports bytes it cannot decode as ArrowInvalid or a bare OSError without errno.
+    return isinstance(err, pa.ArrowException) or (type(err) is OSError and err.errno is None)
 
 
 def _csv_batches(
@@ -225,10 +244,11 @@ def _csv_batches(
         return "skip"
 
     parse = pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid if malformed is not None else None)
-    # Everything as strings: per-block type inference could flip a column's type mid-file, and
-    # parsing the timestamp ourselves lets a bad value be reported with its row.
+    # Everything as bytes: per-block type inference could flip a column's type mid-file, parsing
+    # the timestamp ourselves lets a bad value be reported with its row, and UTF-8 is checked per
+    # row in _validate (Arrow's own check fails the whole block, without a row number).
     convert = pacsv.ConvertOptions(
-        column_types={c: pa.string() for c in columns.names()},
+        column_types={c: pa.binary() for c in columns.names()},
         include_columns=columns.names(),
         strings_can_be_null=True,
     )
@@ -244,11 +264,29 @@ def _csv_batches(
                 yield batch
         except pa.ArrowInvalid as err:
             text = str(err)
+            if read.use_threads and "Row #" not in text:
+                # The multi-threaded parser does not know line numbers: parse again on one thread
+                # (only up to the bad line) to find it.
+                text = _single_threaded_error(fs, path, compression, read, parse, convert) or text
             m = re.search(r"Row #(\d+): (.*)", text)
             if m:
                 line = int(m.group(1))
                 raise BadRowError(f"malformed CSV row (line {line}): {m.group(2)}", path=shown, row=line - 2) from None
             raise DataError(f"CSV cannot be parsed: {text}", path=shown) from None
+
+
+def _single_threaded_error(fs: fsspec.AbstractFileSystem, path: str, compression: str | None,
+                           read: pacsv.ReadOptions, parse: pacsv.ParseOptions,
+                           convert: pacsv.ConvertOptions) -> str | None:
+    """The text of the first parse error of a single-threaded read (it carries ``Row #N``)."""
+    one = pacsv.ReadOptions(block_size=read.block_size, use_threads=False)
+    with fs.open(path, "rb", compression=compression) as f:
+        try:
+            for _ in pacsv.open_csv(f, read_options=one, parse_options=parse, convert_options=convert):
+                pass
+        except pa.ArrowInvalid as err:
+            return str(err)
+    return None
 
 
 def _compression(path: str) -> str | None:
@@ -269,6 +307,41 @@ def _check_columns(names: list[str], columns: RawColumns, shown: str) -> None:
             )
 
 
+def _utf8(arr: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """(the column with non-UTF-8 values set to null, mask of those values); only binary columns
+    (CSV) can hold them. The per-value scan runs only when a block fails to cast as a whole."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if not (pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)):
+        return arr, np.zeros(len(arr), dtype=bool)
+    try:
+        return arr.cast(pa.string()), np.zeros(len(arr), dtype=bool)
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        pass
+    values = arr.to_pylist()
+    bad = np.zeros(len(values), dtype=bool)
+    for i, v in enumerate(values):
+        if v is not None:
+            try:
+                v.decode("utf-8")
+            except UnicodeDecodeError:
+                bad[i] = True
+    fixed = pc.if_else(pa.array(bad), pa.scalar(None, arr.type), arr)
+    return fixed.cast(pa.string()), bad
+
+
+def _shown(arr: pa.Array, idx: pa.Array) -> list[Any]:
+    """The values at ``idx`` as text for the quarantine file (bytes that are not UTF-8 escaped)."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    arr = arr.take(idx)
+    if pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
+        return [None if v is None else v.decode("utf-8", errors="backslashreplace") for v in arr.to_pylist()]
+    if pa.types.is_timestamp(arr.type):
+        return arr.cast(pa.string()).to_pylist()
+    return _as_string(arr).to_pylist()
+
+
 def _as_string(arr: pa.Array) -> pa.Array:
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
@@ -276,6 +349,8 @@ def _as_string(arr: pa.Array) -> pa.Array:
         arr = arr.dictionary_decode()
     if pa.types.is_string(arr.type):
         return arr
+    if pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
+        return _utf8(arr)[0]
     if pa.types.is_large_string(arr.type):
         return arr.cast(pa.string())
     if pa.types.is_integer(arr.type):
@@ -366,10 +441,10 @@ def _validate(
 ) -> Iterator[RawBatch | BadRows]:
     """Split a batch into valid rows and bad ones; ``rows_of[k]``: file row index of batch row k."""
     first = int(rows_of[0]) if len(rows_of) else 0
-    user = batch.column(batch.schema.get_field_index(columns.user))
-    item = batch.column(batch.schema.get_field_index(columns.item))
-    ts_col = batch.column(batch.schema.get_field_index(columns.timestamp))
-    n = batch.num_rows
+    raw_cols = {c: batch.column(batch.schema.get_field_index(c)) for c in columns.names()}
+    decoded = {c: _utf8(col) for c, col in raw_cols.items()}
+    not_utf8 = {c: mask for c, (_, mask) in decoded.items() if mask.any()}
+    user, item, ts_col = (decoded[c][0] for c in columns.names())
     user_null = np.asarray(user.is_null().to_numpy(zero_copy_only=False), dtype=bool)
     item_null = np.asarray(item.is_null().to_numpy(zero_copy_only=False), dtype=bool)
     try:
@@ -384,7 +459,10 @@ def _validate(
     ts_reason_of = dict(zip(np.flatnonzero(ts_bad).tolist(), ts_reasons))
     rows, fields, reasons = [], [], []
     for i in np.flatnonzero(bad).tolist():
-        if user_null[i]:
+        enc = next((c for c in columns.names() if c in not_utf8 and not_utf8[c][i]), None)
+        if enc is not None:
+            f, r = enc, f"not UTF-8: {raw_cols[enc][i].as_py()!r}"
+        elif user_null[i]:
             f, r = columns.user, "null value"
         elif item_null[i]:
             f, r = columns.item, "null value"
@@ -399,10 +477,9 @@ def _validate(
         reasons.append(r)
     idx = pa.array(np.flatnonzero(bad))
     values = {
-        "user": _as_string(user).take(idx).to_pylist(),
-        "item": _as_string(item).take(idx).to_pylist(),
-        "timestamp": _as_string(ts_col).take(idx).to_pylist() if not pa.types.is_timestamp(ts_col.type)
-        else ts_col.take(idx).cast(pa.string()).to_pylist(),
+        "user": _shown(raw_cols[columns.user], idx),
+        "item": _shown(raw_cols[columns.item], idx),
+        "timestamp": _shown(raw_cols[columns.timestamp], idx),
     }
     yield BadRows(shown, np.asarray(rows, dtype=np.int64), fields, reasons, values)
     keep = pa.array(~bad)

@@ -8,8 +8,10 @@ once naming the object).
 S3 settings (see docs/data.md and the stack notes): the endpoint comes from
 ``storage_options["endpoint_url"]`` or ``$AWS_ENDPOINT_URL``, credentials from the environment
 (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``) unless given as ``key`` / ``secret``; no read
-cache (the reader does its own read-ahead), botocore "standard" retries with 12 attempts, and
-``fs.retries = 12`` for s3fs's own retry loop (passing ``retries=`` to the constructor breaks it).
+cache (the reader does its own read-ahead), botocore "standard" retries with 2 attempts and a 5 s
+connect timeout, and ``fs.retries = 2`` for s3fs's own retry loop (passing ``retries=`` to the
+constructor breaks it); the deadline of :func:`retrying` (``data.storage_retry_s``) decides how long
+an outage is ridden out.
 """
 
 from __future__ import annotations
@@ -17,15 +19,20 @@ from __future__ import annotations
 import os
 import random
 import time
-from typing import Any, Callable, TypeVar
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, TypeVar
 
 import fsspec
 
-from stackrec_dist.errors import StorageErrorBase
+from stackrec_dist.errors import StackrecError, StorageErrorBase
 
 T = TypeVar("T")
 
-S3_MAX_ATTEMPTS = 12
+# Retries inside one attempt (botocore, s3fs): few, so that the deadline of `retrying` decides how
+# long an outage is ridden out. A dead endpoint fails within about DEFAULT_RETRY_S + 2 s.
+S3_MAX_ATTEMPTS = 2
+S3_CONNECT_TIMEOUT_S = 5
+DEFAULT_RETRY_S = 10.0
 
 
 def _s3_fs(storage_options: dict[str, Any]) -> fsspec.AbstractFileSystem:
@@ -38,6 +45,7 @@ def _s3_fs(storage_options: dict[str, Any]) -> fsspec.AbstractFileSystem:
         client_kwargs["endpoint_url"] = endpoint
     config_kwargs = dict(opts.pop("config_kwargs", {}) or {})
     config_kwargs.setdefault("retries", {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"})
+    config_kwargs.setdefault("connect_timeout", S3_CONNECT_TIMEOUT_S)
     opts.setdefault("default_cache_type", "none")
     retries = opts.pop("retries", S3_MAX_ATTEMPTS)
     fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, config_kwargs=config_kwargs, **opts)
@@ -111,6 +119,48 @@ class StorageError(StorageErrorBase, OSError):
         self.transient = transient
 
 
+@contextmanager
+def storage_errors(what: str) -> Iterator[None]:
+    """Turn a filesystem failure inside the block into :class:`StorageError` naming the path.
+
+    For code that touches storage outside :func:`retrying` (prepare's output, listing raw input):
+    permission denied, a missing path, a file where a directory is expected (or the reverse), an
+    unreachable endpoint. The path is the one the OS error names, else ``what``. Project errors
+    and anything that is not an I/O failure pass through unchanged.
+    """
+    try:
+        yield
+    except StackrecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - classified below
+        err = as_storage_error(exc, what)
+        if err is None:
+            raise
+        raise err from exc
+
+
+_OS_REASONS = (
+    (PermissionError, "permission denied"),
+    (FileNotFoundError, "does not exist"),
+    (NotADirectoryError, "a file is in the way where a directory is expected"),
+    (IsADirectoryError, "is a directory where a file is expected"),
+    (FileExistsError, "already exists"),
+)
+
+
+def as_storage_error(exc: BaseException, what: str) -> StorageError | None:
+    """The :class:`StorageError` for an I/O failure ``exc`` on ``what``; None when it is not one."""
+    if isinstance(exc, StackrecError) or _is_arrow_error(exc):
+        return None
+    for cls, reason in _OS_REASONS:
+        if isinstance(exc, cls):
+            name = getattr(exc, "filename", None) or what
+            return StorageError(f"{name}: {reason}", path=str(name))
+    if isinstance(exc, OSError) or _is_boto(exc) or is_transient(exc):
+        return StorageError(f"{what}: {_describe(exc)}", path=what, transient=is_transient(exc))
+    return None
+
+
 def _client_error_code(exc: BaseException) -> str | None:
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
@@ -182,9 +232,10 @@ def retrying(
     fn: Callable[[], T],
     what: str,
     *,
-    attempts: int = 8,
+    attempts: int | None = None,
+    budget_s: float | None = None,
     base_delay: float = 0.25,
-    max_delay: float = 8.0,
+    max_delay: float = 4.0,
     probe: Callable[[], Any] | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
@@ -192,13 +243,21 @@ def retrying(
 
     ``what`` names the object (``s3://b/ds/train/part-00001.parquet row group 3``) in the error.
     A permanent failure raises :class:`StorageError` at once (chained to the cause); a transient
-    one raises it after ``attempts`` tries (about 30 s of waiting with the defaults, on top of the
-    botocore retries inside each try). ``probe``: called when ``fn`` raised FileNotFoundError; if
-    the probe itself fails the server is unreachable and the error is treated as transient (s3fs
-    can report a dead endpoint as a missing key).
+    one is retried until ``budget_s`` seconds have passed since the first failure (default
+    :data:`DEFAULT_RETRY_S`, the ``data.storage_retry_s`` setting) or ``attempts`` tries were made,
+    whichever comes first, then raises it. The time counted (from the first try) is the larger of
+    the wall clock and the back-off slept; the last try may run past the budget by its own length
+    (about 1.3 s on a refused connection: botocore's two attempts). ``probe``: called when ``fn`` raised FileNotFoundError; if the probe itself
+    fails the server is unreachable and the error is treated as transient (s3fs can report a dead
+    endpoint as a missing key).
     """
+    budget = DEFAULT_RETRY_S if budget_s is None else max(0.0, float(budget_s))
     delay = base_delay
-    for attempt in range(1, attempts + 1):
+    attempt = 0
+    start = time.monotonic()
+    slept = 0.0
+    while True:
+        attempt += 1
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below
@@ -212,13 +271,16 @@ def retrying(
                 if isinstance(exc, StorageError) or not isinstance(exc, OSError) and not _is_boto(exc):
                     raise
                 raise StorageError(f"{what}: {_describe(exc)} (permanent, not retried)", path=what) from exc
-            if attempt == attempts:
+            spent = max(time.monotonic() - start, slept)
+            if (attempts is not None and attempt >= attempts) or spent >= budget:
                 raise StorageError(
-                    f"{what}: {_describe(exc)} (still failing after {attempts} attempts)", path=what, transient=True
+                    f"{what}: {_describe(exc)} (still failing after {attempt} attempts over {spent:.1f} s; "
+                    f"data.storage_retry_s = {budget:g})", path=what, transient=True
                 ) from exc
-            sleep(random.uniform(0, delay))
+            pause = min(random.uniform(0, delay), budget - spent)
+            sleep(pause)
+            slept += max(pause, 0.0)
             delay = min(max_delay, delay * 2)
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _is_arrow_error(exc: BaseException) -> bool:

@@ -43,7 +43,7 @@ from stackrec_dist.config import DataConfig
 
 from .errors import CorruptFileError, DataError, ManifestError, MissingShardError
 from .manifest import Manifest, check_sequence_schema, file_digest, read_manifest
-from .storage import StorageError, arrow_fs, display_path, is_s3, open_fs, retrying
+from .storage import StorageError, arrow_fs, display_path, is_local, is_s3, open_fs, retrying
 
 CURSOR_VERSION = 1
 QUARANTINE_DIR = "_quarantine"
@@ -123,7 +123,7 @@ class _ShardReader:
     """
 
     def __init__(self, fs: Any, root: str, manifest: Manifest, split: str, *, check_timestamps: bool,
-                 verify_checksums: bool, max_open: int = 8) -> None:
+                 verify_checksums: bool, max_open: int = 8, retry_s: float | None = None) -> None:
         self.fs = fs
         self.afs = arrow_fs(fs)
         self.root = root
@@ -134,13 +134,24 @@ class _ShardReader:
         self.verify_checksums = verify_checksums
         self.pre_buffer = is_s3(fs)
         self._open: OrderedDict[int, pq.ParquetFile] = OrderedDict()
-        self._verified: set[int] = set()
         self.max_open = max_open
+        self.retry_s = retry_s
+        self._missing: dict[int, MissingShardError] = {}  # found missing after the retry budget
 
     def show(self, path: str) -> str:
         return display_path(self.fs, path)
 
     def _probe(self) -> None:
+        """Called by ``retrying`` when a shard looks missing: raising means "outage, retry".
+
+        Locally a missing file is missing if the manifest is still there. On an object store the
+        shard was listed with its size when the reader started, and a store that is restarting
+        answers 404 for objects it has not loaded yet (SeaweedFS does, while ``manifest.json``
+        already answers): it is taken for an outage until ``data.storage_retry_s`` runs out, then
+        reported as a missing shard.
+        """
+        if not is_local(self.fs):
+            raise FileNotFoundError("listed in the manifest: retried as an outage")
         self.fs.info(posixpath.join(self.root, "manifest.json"))
 
     def parquet(self, shard: int, path: str) -> pq.ParquetFile:
@@ -148,13 +159,19 @@ class _ShardReader:
         if pf is not None:
             self._open.move_to_end(shard)
             return pf
+        if shard in self._missing:  # waited for once already: the next row groups fail at once
+            raise self._missing[shard]
         shown = self.show(path)
         info = self.shards[shard]
-        if self.verify_checksums and shard not in self._verified:
-            digest, _ = retrying(lambda: file_digest(self.fs, path), shown, probe=self._probe)
+        key = (shown, info.sha256, info.bytes)
+        if self.verify_checksums and key not in _VERIFIED_SHARDS:
+            digest, _ = retrying(lambda: file_digest(self.fs, path), shown, probe=self._probe,
+                                 budget_s=self.retry_s)
             if digest != info.sha256:
-                raise CorruptFileError(f"sha256 {digest} != manifest {info.sha256}", path=shown)
-            self._verified.add(shard)
+                raise CorruptFileError(
+                    f"sha256 {digest} != manifest {info.sha256}: the shard was changed after prepare "
+                    "(prepare the dataset again)", path=shown)
+            _VERIFIED_SHARDS.add(key)
 
         def _open() -> pq.ParquetFile:
             f = self.afs.open_input_file(path)
@@ -165,10 +182,11 @@ class _ShardReader:
                 raise
 
         try:
-            pf = retrying(_open, shown, probe=self._probe)
+            pf = retrying(_open, shown, probe=self._probe, budget_s=self.retry_s)
         except StorageError as err:
             if isinstance(err.__cause__, FileNotFoundError):
-                raise MissingShardError("shard listed in the manifest does not exist", path=shown) from err
+                self._missing[shard] = MissingShardError("shard listed in the manifest does not exist", path=shown)
+                raise self._missing[shard] from err
             if _undecodable(err):
                 raise CorruptFileError(f"not a readable Parquet file: {err.__cause__}", path=shown) from err
             raise
@@ -207,7 +225,7 @@ class _ShardReader:
                 raise
 
         try:
-            return retrying(_read, what, probe=self._probe)
+            return retrying(_read, what, probe=self._probe, budget_s=self.retry_s)
         except StorageError as err:
             if _undecodable(err):
                 raise CorruptFileError(f"cannot decode: {err.__cause__}", path=shown, row_group=unit.row_group) from err
@@ -222,6 +240,13 @@ class _ShardReader:
             return self.parquet(unit.shard, unit.path).metadata.row_group(unit.row_group).num_rows
         except DataError:
             return 0
+
+
+# Shards whose sha256 matched the manifest, and whose footer matched it, in this process:
+# (shown path, sha256, bytes). Checked once per process (SequenceStream.verify_shards, or the
+# first read with verify_at_start=False), not on every epoch or validation.
+_VERIFIED_SHARDS: set[tuple[str, str, int]] = set()
+_FOOTERS_OK: set[tuple[str, str, int]] = set()
 
 
 def _undecodable(err: StorageError) -> bool:
@@ -551,8 +576,8 @@ class SequenceStream(IterableDataset):
     """
 
     def __init__(self, data_cfg: DataConfig, split: str = "train", rank: int = 0, world_size: int = 1, *,
-                 check_timestamps: bool = True, verify_checksums: bool = False, prefetch: int = 2,
-                 quarantine_dir: str | None = None) -> None:
+                 check_timestamps: bool = True, verify_checksums: bool | None = None, prefetch: int = 2,
+                 quarantine_dir: str | None = None, verify_at_start: bool = True) -> None:
         super().__init__()
         data_cfg.validate()
         if not 0 <= rank < world_size:
@@ -567,13 +592,13 @@ class SequenceStream(IterableDataset):
         self.batch_size = data_cfg.batch_size // world_size
         self.L = data_cfg.max_len
         self.check_timestamps = check_timestamps
-        self.verify_checksums = verify_checksums
+        self.verify_checksums = data_cfg.verify_checksums if verify_checksums is None else verify_checksums
         self.prefetch = max(0, prefetch)
         fs, root = open_fs(data_cfg.path, data_cfg.storage_options)
         self.root = root
         self.shown_root = display_path(fs, root)
         # Validate before training: manifest fields, every shard exists with its recorded size.
-        self.manifest = retrying(lambda: read_manifest(fs, root, check_files=True), f"{self.shown_root}/manifest.json")
+        self.manifest = _read_manifest(fs, root, data_cfg.storage_retry_s)
         self.units = _units(self.manifest, root, split)
         self.num_items = self.manifest.num_items
         self.fingerprint = _fingerprint(self.manifest, split)
@@ -582,6 +607,25 @@ class SequenceStream(IterableDataset):
         self.stats = {"bad_rows": 0, "bad_row_groups": 0, "windows": 0, "batches": 0}
         self._fs = fs
         self._fs_pid = os.getpid()
+        self.verified_at_start = verify_at_start
+        if verify_at_start:
+            self.verify_shards()
+
+    def verify_shards(self) -> None:
+        """Check every shard of the split before any batch: sha256 against the manifest (when
+        ``verify_checksums``; reads each shard once), then the footer: decodable, schema, row and
+        row group counts as in the manifest. Raises CorruptFileError / SchemaError naming the shard.
+        Done once per shard and process (evaluation builds a stream per validation)."""
+        reader = _ShardReader(self._fs, self.root, self.manifest, self.split, check_timestamps=False,
+                              verify_checksums=self.verify_checksums, max_open=1,
+                              retry_s=self.cfg.storage_retry_s)
+        for s, shard in enumerate(self.manifest.splits[self.split].shards):
+            path = posixpath.join(self.root, shard.path)
+            key = (reader.show(path), shard.sha256, shard.bytes)
+            if key not in _FOOTERS_OK or (self.verify_checksums and key not in _VERIFIED_SHARDS):
+                reader.parquet(s, path)
+                reader.drop(s)
+                _FOOTERS_OK.add(key)
 
     # fs objects hold event loops and sockets: rebuild them in each process.
     def __getstate__(self) -> dict[str, Any]:
@@ -641,7 +685,9 @@ class SequenceStream(IterableDataset):
 
     def _reader(self) -> _ShardReader:
         return _ShardReader(self.fs, self.root, self.manifest, self.split,
-                            check_timestamps=self.check_timestamps, verify_checksums=self.verify_checksums)
+                            check_timestamps=self.check_timestamps,
+                            verify_checksums=self.verify_checksums and not self.verified_at_start,
+                            retry_s=self.cfg.storage_retry_s)
 
     def _load_unit(self, reader: _ShardReader, unit: Unit, min_length: int = 1) -> UnitData:
         """Read + validate one unit; bad rows raise, or are quarantined when configured."""
@@ -701,7 +747,7 @@ class SequenceStream(IterableDataset):
                 pq.write_table(out, f)
             fs.mv(tmp, path)
 
-        retrying(_write, display_path(fs, path))
+        retrying(_write, display_path(fs, path), budget_s=self.cfg.storage_retry_s)
         return display_path(fs, path)
 
     def _read_ahead(self, units: list[int], min_length: int = 1) -> Iterator[UnitData]:
@@ -977,6 +1023,46 @@ def build_train_loader(data_cfg: DataConfig, split: str = "train", rank: int = 0
                        **stream_kwargs: Any) -> StatefulLoader:
     """The training reader of one rank: iterate = the rest of one epoch from the cursor."""
     return StatefulLoader(SequenceStream(data_cfg, split, rank, world_size, **stream_kwargs))
+
+
+def _read_manifest(fs: Any, root: str, retry_s: float) -> Manifest:
+    shown = f"{display_path(fs, root)}/manifest.json"
+    return retrying(lambda: read_manifest(fs, root, check_files=True), shown, budget_s=retry_s)
+
+
+def read_dataset_manifest(data_cfg: DataConfig) -> Manifest:
+    """The dataset's manifest as every reader reads it: fields validated, every shard present with
+    its recorded size, storage failures retried for ``data.storage_retry_s`` and reported as
+    StorageError naming the object (e.g. for ``num_items`` before a model is built)."""
+    fs, root = open_fs(data_cfg.path, data_cfg.storage_options)
+    return _read_manifest(fs, root, data_cfg.storage_retry_s)
+
+
+def iter_row_lengths(data_cfg: DataConfig, split: str = "train") -> Iterator[np.ndarray]:
+    """Items per row of ``split``, one int64 array per row group in manifest order.
+
+    For counting windows before training (``pieces_per_row``): reads only ``item_ids``, through the
+    validating reader, so shards are checked as for training (sizes, sha256 when
+    ``data.verify_checksums``, footers) and a null sequence is a DataError naming file, row group,
+    row and field. With ``data.quarantine`` a null row counts 0 items and an undecodable row group
+    none, as the reader sets them aside.
+    """
+    ds = SequenceStream(data_cfg, split, check_timestamps=False, prefetch=0)
+    reader = _ShardReader(ds.fs, ds.root, ds.manifest, split, check_timestamps=False, verify_checksums=False,
+                          retry_s=data_cfg.storage_retry_s)
+    for unit in ds.units:
+        try:
+            table = reader.read(unit)
+        except CorruptFileError as err:
+            if data_cfg.quarantine and err.row_group is not None:
+                yield np.zeros(0, np.int64)
+                continue
+            raise
+        _, lengths, isnull, _ = _list_parts(table.column("item_ids"))
+        if isnull.any() and not data_cfg.quarantine:
+            raise DataError("null sequence", path=reader.show(unit.path), row_group=unit.row_group,
+                            row=int(np.flatnonzero(isnull)[0]), field="item_ids")
+        yield lengths
 
 
 # -- evaluation --------------------------------------------------------------------------------

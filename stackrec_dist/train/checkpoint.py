@@ -32,28 +32,13 @@ from typing import Any
 import torch
 
 from stackrec_dist.config import ModelConfig, from_dict
-from stackrec_dist.errors import CheckpointError
+from stackrec_dist.errors import CheckpointError, safe_torch_load
 
 TRAIN_STATE_FILE = "train_state.json"
 CURSOR_FILE = "cursor-rank{rank}.json"
 MODEL_FILE = "model.pt"
 BEST_MODEL_FILE = "best-model.pt"
 COMPLETE_MARKER = "COMPLETE"
-
-
-def safe_load(path: str | Path) -> Any:
-    """``torch.load(weights_only=True)`` whose failures are one :class:`CheckpointError` line."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... here
-        text = str(err)
-        if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
-            # Never relay torch's advice to load with weights_only=False: that would run the code.
-            raise CheckpointError(f"{path} contains pickled objects other than tensors; refused") from None
-        raise CheckpointError(f"{path} is truncated or not a torch file ({type(err).__name__})") from None
 
 
 def write_atomically(path: str | Path, fill: Callable[[Path], None]) -> Path:
@@ -126,7 +111,7 @@ class Checkpoint:
     def model_state(self) -> dict[str, torch.Tensor]:
         """The full model state dict on CPU (consolidated from ZeRO shards when needed)."""
         if (self.path / MODEL_FILE).is_file():
-            return safe_load(self.path / MODEL_FILE)
+            return safe_torch_load(self.path / MODEL_FILE)
         if self.engine.get("kind") == "deepspeed":
             from stackrec_dist.train.zero_checkpoint import load_consolidated_state_dict
 
@@ -137,7 +122,7 @@ class Checkpoint:
         raise CheckpointError(f"{self.source} holds no model weights ({MODEL_FILE} or DeepSpeed shards)")
 
     def best_model_state(self) -> dict[str, torch.Tensor] | None:
-        return safe_load(self.path / BEST_MODEL_FILE) if (self.path / BEST_MODEL_FILE).is_file() else None
+        return safe_torch_load(self.path / BEST_MODEL_FILE) if (self.path / BEST_MODEL_FILE).is_file() else None
 
     def weights(self, which: str = "best") -> tuple[str, dict[str, torch.Tensor]]:
         """("best" | "final", state): the best validation weights when recorded, else the final ones."""

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from stackrec_dist.config import JobConfig
-from stackrec_dist.errors import CheckpointError
+from stackrec_dist.errors import CheckpointError, safe_torch_load
 from stackrec_dist.train import distributed as D
 from stackrec_dist.train.device import DeviceChoice
 
@@ -86,15 +86,13 @@ class TorchEngine:
         return {"kind": self.kind, "zero_stage": 0, "world_size": 1}
 
     def load(self, directory: Path, meta: dict[str, Any]) -> None:
-        from stackrec_dist.train.checkpoint import safe_load
-
         if meta.get("kind") != self.kind:
             raise CheckpointError(
                 f"{directory} holds a {meta.get('kind')} engine state; a single-process run resumes only "
                 f"its own checkpoints (start a new run from it with `stackrec train --init {directory}`)")
-        self.model.load_state_dict(safe_load(directory / MODEL_FILE))
-        self.optimizer.load_state_dict(safe_load(directory / OPTIMIZER_FILE))
-        self.scheduler.load_state_dict(safe_load(directory / SCHEDULER_FILE))
+        self.model.load_state_dict(safe_torch_load(directory / MODEL_FILE))
+        self.optimizer.load_state_dict(safe_torch_load(directory / OPTIMIZER_FILE))
+        self.scheduler.load_state_dict(safe_torch_load(directory / SCHEDULER_FILE))
 
 
 class DeepSpeedEngine:

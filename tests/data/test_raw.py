@@ -162,3 +162,29 @@ def test_malformed_rows_keep_row_numbers_across_blocks(mem_root):
     assert bad == [(100, "*"), (20000, "timestamp")]
     ts = np.concatenate([b.timestamp for b in out if isinstance(b, RawBatch)])
     assert len(ts) == 29998 and ts[100] == 101 and ts[-1] == 29999
+
+
+def test_malformed_line_number_with_threaded_parsing(mem_root):
+    # The multi-threaded CSV parser reports no line number; the reader finds it on one thread.
+    rows = [f"u{k % 7},{k % 5},{k}" for k in range(30000)]
+    rows[25000] = "u1,2,3,4"
+    uri = write_text(f"{mem_root}/big.csv", "user,item,timestamp\n" + "\n".join(rows) + "\n")
+    with pytest.raises(BadRowError, match=r"big.csv row 25000: malformed CSV row \(line 25002\): Expected 3 columns, got 4"):
+        list(iter_raw(uri, csv_block_bytes=1 << 16, use_threads=True))
+
+
+def test_not_utf8_rows_strict_and_quarantined(mem_root):
+    fs, root = open_fs(mem_root)
+    rows = [f"u{k % 7},{k % 5},{k}".encode() for k in range(20000)]
+    rows[5] = b"u\xff,1,5"
+    rows[15000] = b"u1,2,\xe9"
+    fs.pipe_file(f"{root}/log.csv", b"user,item,timestamp\n" + b"\n".join(rows) + b"\n")
+    uri = f"{mem_root}/log.csv"
+    with pytest.raises(BadRowError, match=r"log.csv row 5 field user: not UTF-8: b'u\\xff' \(line 7\)"):
+        list(iter_raw(uri, csv_block_bytes=1 << 16))
+    out = list(iter_raw(uri, quarantine=True, csv_block_bytes=1 << 16))
+    bad = [(int(r), f, v) for b in out if isinstance(b, BadRows)
+           for r, f, v in zip(b.rows, b.fields, zip(b.values["user"], b.values["timestamp"]))]
+    assert bad == [(5, "user", ("u\\xff", "5")), (15000, "timestamp", ("u1", "\\xe9"))]
+    ts = np.concatenate([b.timestamp for b in out if isinstance(b, RawBatch)])
+    assert len(ts) == 19998 and ts[5] == 6

@@ -11,7 +11,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stackrec_dist.data.storage import StorageError, arrow_fs, is_transient, open_fs, retrying
+from stackrec_dist.data.storage import (
+    S3_CONNECT_TIMEOUT_S,
+    S3_MAX_ATTEMPTS,
+    StorageError,
+    arrow_fs,
+    is_transient,
+    open_fs,
+    retrying,
+)
 
 
 def test_open_fs_local_file_memory(tmp_path):
@@ -37,9 +45,10 @@ def test_open_fs_s3_settings(monkeypatch):
     fs, path = open_fs("s3://bucket/some/prefix/")
     assert path == "bucket/some/prefix"
     assert fs.client_kwargs["endpoint_url"] == "http://127.0.0.1:9"
-    assert fs.retries == 12
+    assert fs.retries == S3_MAX_ATTEMPTS
     assert fs.default_cache_type == "none"
-    assert fs.config_kwargs["retries"] == {"max_attempts": 12, "mode": "standard"}
+    assert fs.config_kwargs["retries"] == {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}
+    assert fs.config_kwargs["connect_timeout"] == S3_CONNECT_TIMEOUT_S
     fs2, _ = open_fs("s3://bucket/x", {"endpoint_url": "http://127.0.0.1:10"})
     assert fs2.client_kwargs["endpoint_url"] == "http://127.0.0.1:10"
 

@@ -409,10 +409,15 @@ def test_corrupt_same_size_and_checksum(tmp_path):
     data = bytearray(fs.cat_file(path))
     data[-12:-8] = b"\xff\xff\xff\x7f"  # footer length: undecodable
     fs.pipe_file(path, bytes(data))
-    with pytest.raises(CorruptFileError, match=r"part-00001.parquet: not a readable Parquet file"):
-        list(build_train_loader(cfg_for(uri)))
+    # checksums on (the default): refused before the first batch, naming the shard
     with pytest.raises(CorruptFileError, match=r"part-00001.parquet: sha256 [0-9a-f]+ != manifest"):
-        list(build_train_loader(cfg_for(uri), verify_checksums=True))
+        build_train_loader(cfg_for(uri))
+    # checksums off (data.verify_checksums: false): the footer check still refuses it
+    with pytest.raises(CorruptFileError, match=r"part-00001.parquet: not a readable Parquet file"):
+        build_train_loader(cfg_for(uri, verify_checksums=False))
+    # checked on the first read instead of at start
+    with pytest.raises(CorruptFileError, match=r"part-00001.parquet: sha256 [0-9a-f]+ != manifest"):
+        list(build_train_loader(cfg_for(uri), verify_at_start=False))
 
 
 def test_row_count_mismatch_vs_manifest(tmp_path):
@@ -427,7 +432,7 @@ def test_row_count_mismatch_vs_manifest(tmp_path):
     m["splits"]["train"]["shards"][1]["bytes"] = fs.size(path)
     fs.pipe_file(f"{root}/manifest.json", json.dumps(m).encode())
     with pytest.raises(CorruptFileError, match=r"part-00001.parquet: has 2 rows, the manifest says 3"):
-        list(build_train_loader(cfg_for(uri)))
+        list(build_train_loader(cfg_for(uri, verify_checksums=False)))
 
 
 def test_undecodable_row_group(tmp_path):
@@ -441,9 +446,11 @@ def test_undecodable_row_group(tmp_path):
     lo = col.data_page_offset
     data[lo + 5: lo + 40] = b"\x00" * 35  # smash the second row group's page header/data
     fs.pipe_file(path, bytes(data))
+    # The manifest's sha256 would refuse the shard at start: this is about data that was corrupt
+    # when written (or a dataset read with data.verify_checksums off).
     with pytest.raises(CorruptFileError, match=r"part-00000.parquet row group 1: cannot decode"):
-        list(build_train_loader(cfg_for(uri)))
-    ld = build_train_loader(cfg_for(uri, quarantine=True))
+        list(build_train_loader(cfg_for(uri, verify_checksums=False)))
+    ld = build_train_loader(cfg_for(uri, quarantine=True, verify_checksums=False))
     got = list(ld)
     assert ld.stats["bad_row_groups"] == 1 and ld.stats["bad_rows"] == 4
     assert sum(int((b["targets"] > 0).sum()) for b in got) == 4 * 38
@@ -511,3 +518,28 @@ def test_s3_read_resume_and_server_restart(s3_server, s3_dataset_root):
             restarted = True
     assert restarted
     assert sorted(received_targets(got)) == targets
+
+
+def test_iter_row_lengths_checks_like_the_reader(tmp_path):
+    from stackrec_dist.data.stream import iter_row_lengths
+
+    uri = _bad_dataset(tmp_path, [[1, 2], [3, 4, 5]])
+    lengths = np.concatenate(list(iter_row_lengths(cfg_for(uri))))
+    assert sorted(lengths.tolist()) == [2, 3, 3, 3, 4, 4]
+    uri = _bad_dataset(tmp_path, [None, [1, 2]])
+    with pytest.raises(DataError, match=r"part-00001.parquet row group 0 row 2 field item_ids: null sequence"):
+        list(iter_row_lengths(cfg_for(uri)))
+    assert sorted(np.concatenate(list(iter_row_lengths(cfg_for(uri, quarantine=True)))).tolist()) == [0, 2, 3, 3, 4, 4]
+
+
+def test_read_dataset_manifest_names_the_problem(tmp_path):
+    from stackrec_dist.data.stream import read_dataset_manifest
+
+    uri = _bad_dataset(tmp_path, [[1, 2]])
+    assert read_dataset_manifest(cfg_for(uri)).num_items == 50
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StorageError, match=rf"{blocker}/manifest.json: NotADirectoryError"):
+        read_dataset_manifest(cfg_for(str(blocker)))
+    with pytest.raises(ManifestError, match="no manifest"):
+        read_dataset_manifest(cfg_for(str(tmp_path)))
