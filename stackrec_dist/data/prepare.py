@@ -62,7 +62,7 @@ from .errors import DataError
 from .manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, write_manifest
 from .storage import display_path, open_fs
 from .raw import BadRows, RawBatch, RawColumns, bad_rows_table, QUARANTINE_SCHEMA, estimate_rows, iter_raw, list_raw_files, raw_input_bytes
-from .writer import SplitWriter, sequence_table
+from .writer import SplitWriter, sequence_table, write_item_counts
 
 # Peak bytes per interaction held in pass 2 (loaded columns, sort keys and permutation, the split
 # copies and their Arrow conversion); measured ~110 on synthetic logs, rounded up.
@@ -278,7 +278,7 @@ def _clear_output(fs: fsspec.AbstractFileSystem, root: str) -> None:
         fs.rm(manifest)
     for entry in fs.ls(root, detail=False):
         name = posixpath.basename(entry.rstrip("/"))
-        if name in ("train", "valid", "test", "id_maps", "_quarantine") or name.startswith("slice-"):
+        if name in ("train", "valid", "test", "id_maps", "stats", "_quarantine") or name.startswith("slice-"):
             fs.rm(entry, recursive=True)
 
 
@@ -488,7 +488,8 @@ def _finish(cfg: PrepareConfig, s: _Pass1, fs: fsspec.AbstractFileSystem, root: 
             held[user_final[prov]] = 2 if x < frac else (1 if x < 2 * frac else 0)
 
     split_names = ["train", "valid", "test"] + [f"slice-{k}" for k in range(1, cfg.time_slices + 1)]
-    writers = {n: SplitWriter(fs, root, n, cfg.num_shards, cfg.row_group_size) for n in split_names}
+    writers = {n: SplitWriter(fs, root, n, cfg.num_shards, cfg.row_group_size,
+                              num_items=num_items if n == "train" else None) for n in split_names}
 
     # Pass 2: consecutive buckets up to the budget at a time.
     groups: list[list[int]] = []
@@ -519,6 +520,7 @@ def _finish(cfg: PrepareConfig, s: _Pass1, fs: fsspec.AbstractFileSystem, root: 
         pa.default_memory_pool().release_unused()
 
     split_infos = {n: w.close() for n, w in writers.items()}
+    item_counts = write_item_counts(fs, root, writers["train"].item_counts, "train")
     id_maps = _write_id_maps(fs, root, s, kept_prov[order], seen[iorder])
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
@@ -549,6 +551,7 @@ def _finish(cfg: PrepareConfig, s: _Pass1, fs: fsspec.AbstractFileSystem, root: 
             "users_other_domain": users_other_domain,
             "interactions_other_domain": interactions_other_domain,
         },
+        item_counts=item_counts,
     )
     write_manifest(fs, root, manifest)
     return PrepareReport(

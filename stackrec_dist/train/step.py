@@ -11,18 +11,42 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from stackrec_dist.config import LossConfig
-from stackrec_dist.losses import sequence_loss
+from stackrec_dist.config import DataConfig, LossConfig
+from stackrec_dist.losses import sequence_loss, unigram_log_q
 
 
 class RecommenderLoss(nn.Module):
-    """forward(inputs (B, L), targets (B, L), 0 = no target) -> mean loss over real targets."""
+    """forward(inputs (B, L), targets (B, L), 0 = no target) -> mean loss over real targets.
 
-    def __init__(self, model: nn.Module, loss_cfg: LossConfig, log_q: torch.Tensor | None = None):
+    ``loss.kind=sampled`` with ``loss.sampler=unigram`` needs ``item_counts`` ((V,) training-set
+    occurrences per item id, ``train.data_info.item_counts``): the proposal is
+    Q(j) ~ (count_j + 1) ** 0.75 (``losses.unigram_log_q``), log-Q corrected like the uniform one.
+    ``log_q`` (V,) passes any proposal directly (it wins over ``item_counts``).
+    """
+
+    def __init__(self, model: nn.Module, loss_cfg: LossConfig, log_q: torch.Tensor | None = None, *,
+                 item_counts: torch.Tensor | None = None):
         super().__init__()
         self.model = model
         self.loss_cfg = loss_cfg
+        if log_q is None and loss_cfg.kind == "sampled" and loss_cfg.sampler == "unigram":
+            if item_counts is None:
+                raise ValueError("loss.sampler=unigram needs item_counts (train.data_info.item_counts(data_cfg)); "
+                                 "RecommenderLoss.for_data(model, loss_cfg, data_cfg) reads them")
+            num_items = model.head.weight.shape[0] if not hasattr(model.head.weight, "ds_shape") \
+                else model.head.weight.ds_shape[0]
+            if item_counts.shape != (num_items,):
+                raise ValueError(f"item_counts has shape {tuple(item_counts.shape)}, the head has {num_items} items")
+            log_q = unigram_log_q(item_counts)
         self.register_buffer("log_q", log_q, persistent=False)
+
+    @classmethod
+    def for_data(cls, model: nn.Module, loss_cfg: LossConfig, data_cfg: DataConfig | None) -> "RecommenderLoss":
+        """The objective with the proposal ``loss_cfg`` asks for, reading the item counts from
+        ``data_cfg``'s manifest when it is the unigram one (``data_cfg=None``: no dataset)."""
+        from stackrec_dist.train.data_info import proposal_item_counts
+
+        return cls(model, loss_cfg, item_counts=proposal_item_counts(data_cfg, loss_cfg))
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         hidden = self.model(inputs)

@@ -91,7 +91,7 @@ class Trainer:
                 model_cfg = dataclasses.replace(model_cfg, num_items=dataset_num_items(cfg.data))
             model = build_model(model_cfg)
         self.model = model.to(self.device)
-        self.objective = RecommenderLoss(self.model, cfg.loss).to(self.device)
+        self.objective = RecommenderLoss.for_data(self.model, cfg.loss, cfg.data).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.train_loader = build_train_loader(cfg.data, cfg.data.train_split, rank=0, world_size=1)
         self.steps_per_epoch = steps_per_epoch(cfg.data, cfg.data.train_split)

@@ -201,7 +201,7 @@ class WorkerLoop:
             # Initial weights (e.g. a freshly grown model), loaded strictly before DeepSpeed
             # partitions the model; a Ray checkpoint to resume from overrides them in fit().
             model.load_state_dict(init_state)
-        objective = RecommenderLoss(model, job.loss)
+        objective = RecommenderLoss.for_data(model, job.loss, None if options.data_source == "synthetic" else job.data)
         if self.zero3:
             # The loss reads head.weight/bias directly (not via head.forward).
             D.register_external_parameters(objective, [model.head.weight, model.head.bias], dist_cfg.use_gpu)
