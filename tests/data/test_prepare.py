@@ -439,3 +439,64 @@ def test_bad_target_user_fraction_is_rejected(bad, tmp_path):
                                       user_subset="target"))
     with pytest.raises(ConfigError, match=r"prepare\.user_subset must be one of"):
         config_from_dict({"prepare": {"user_subset": "both"}})
+
+
+VOCAB_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np, pyarrow as pa, pyarrow.parquet as pq
+    from stackrec_dist.config import PrepareConfig
+    from stackrec_dist.data.prepare import prepare_dataset
+
+    def kb(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1])
+
+    out, users, limit = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    warm = pa.table({"user": ["a", "a", "a"], "item": ["1", "2", "3"], "timestamp": [1, 2, 3]})
+    pq.write_table(warm, out + "-warm.parquet")
+    prepare_dataset(PrepareConfig(source=out + "-warm.parquet", output=out + "-warm", memory_limit_mb=limit))
+    # Every user and (almost) every item distinct: 3 interactions per user, string user ids, big
+    # integer item ids. Written in slices so the log itself is never held whole.
+    rng = np.random.default_rng(0)
+    with pq.ParquetWriter(out + ".parquet", pa.schema([("user", pa.string()), ("item", pa.string()),
+                                                       ("timestamp", pa.int64())])) as w:
+        for start in range(0, users, 50_000):
+            n = min(50_000, users - start)
+            u = np.repeat(np.arange(start, start + n), 3)
+            w.write_table(pa.table({
+                "user": pa.array([f"user-{k:09d}" for k in u.tolist()]),
+                "item": pa.array([str(x) for x in rng.integers(10**12, 10**13, 3 * n).tolist()]),
+                "timestamp": pa.array(np.tile(np.arange(3), n)),
+            }))
+    base = kb("VmRSS")
+    r = prepare_dataset(PrepareConfig(source=out + ".parquet", output=out, memory_limit_mb=limit, num_shards=2))
+    print(json.dumps({"growth_mb": (kb("VmHWM") - base) / 1024, "users": r.num_users, "items": r.num_items,
+                      "id_sort_partitions": r.extra["id_sort_partitions"]}))
+    """
+)
+
+
+def test_memory_bound_with_many_distinct_ids(tmp_path):
+    """The id vocabularies stay on disk: 4x the distinct ids, the same resident memory."""
+
+    def run(users):
+        proc = subprocess.run(
+            [sys.executable, "-c", VOCAB_SCRIPT, str(tmp_path / f"out-{users}"), str(users), "16"],
+            capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    small, big = run(60_000), run(240_000)
+    assert big["users"] == 240_000 and big["items"] > 700_000
+    assert big["id_sort_partitions"]["users"] > 4 and big["id_sort_partitions"]["items"] > 4
+    # In memory, 480k more distinct ids cost ~170 bytes each as Python strings in a dict: ~80 MB.
+    assert big["growth_mb"] - small["growth_mb"] < 20, (small, big)
+    assert big["growth_mb"] < 16 + MEMORY_OVERHEAD_MB, big
+    # Ids follow sorted original-id order: string order for users, numeric for the items.
+    users = read_id_map(str(tmp_path / "out-60000"), "users")
+    assert list(users) == sorted(users) and list(users.values()) == list(range(60_000))
+    items = read_id_map(str(tmp_path / "out-60000"), "items")
+    assert [int(k) for k in items] == sorted(int(k) for k in items)
