@@ -8,11 +8,48 @@ of this wrapper by the distributed code).
 
 from __future__ import annotations
 
+import json
+import os
+import time
+
 import torch
 from torch import nn
 
 from stackrec_dist.config import DataConfig, LossConfig
 from stackrec_dist.losses import sequence_loss, unigram_log_q
+
+
+STEP_TIMES_ENV = "STACKREC_STEP_TIMES_FILE"
+_probe_handle = None
+
+
+def _install_step_probe() -> None:
+    """Opt-in benchmark probe (``benchmarks/scale.py``): with ``$STACKREC_STEP_TIMES_FILE`` set,
+    every optimizer step of this process appends ``{"pid", "step", "time"}`` (wall clock) to that
+    file, through torch's global optimizer post-step hook (it fires inside DeepSpeed's step too).
+    Unset (the default), nothing is installed."""
+    global _probe_handle
+    path = os.environ.get(STEP_TIMES_ENV)
+    if not path or _probe_handle is not None:
+        return
+    count = [0]
+
+    def hook(optimizer, args, kwargs) -> None:
+        count[0] += 1
+        with open(path, "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "step": count[0], "time": time.time()}) + "\n")
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    _probe_handle = register_optimizer_step_post_hook(hook)
+
+
+def remove_step_probe() -> None:
+    """Undo :func:`_install_step_probe` (tests)."""
+    global _probe_handle
+    if _probe_handle is not None:
+        _probe_handle.remove()
+        _probe_handle = None
 
 
 class RecommenderLoss(nn.Module):
@@ -27,6 +64,7 @@ class RecommenderLoss(nn.Module):
     def __init__(self, model: nn.Module, loss_cfg: LossConfig, log_q: torch.Tensor | None = None, *,
                  item_counts: torch.Tensor | None = None):
         super().__init__()
+        _install_step_probe()
         self.model = model
         self.loss_cfg = loss_cfg
         if log_q is None and loss_cfg.kind == "sampled" and loss_cfg.sampler == "unigram":

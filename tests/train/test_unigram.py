@@ -1,5 +1,7 @@
 """loss.sampler=unigram: the proposal comes from the manifest's item counts and trains."""
 
+import json
+
 import pytest
 import torch
 
@@ -63,3 +65,26 @@ def test_unigram_sampled_softmax_trains(tiny_dataset, tmp_path):
     before = full_loss()
     trainer.fit()
     assert full_loss() < before - 0.15  # chance is log(59) = 4.08
+
+
+def test_step_times_probe_is_opt_in(tiny_dataset, tmp_path, monkeypatch):
+    """STACKREC_STEP_TIMES_FILE (benchmarks/scale.py): one line per optimizer step, nothing unset."""
+    from stackrec_dist.train import step as step_module
+
+    cfg = config_from_dict({
+        "data": {"path": str(tiny_dataset), "max_len": 20, "batch_size": 32},
+        "model": {"dim": 8, "num_blocks": 1},
+        "train": {"checkpoint_dir": str(tmp_path / "ck"), "progress": False, "patience": 0, "max_steps": 3,
+                  "eval_every": 1000},
+    })
+    probe = tmp_path / "steps.jsonl"
+    Trainer(cfg).fit()
+    assert not probe.exists()
+    monkeypatch.setenv(step_module.STEP_TIMES_ENV, str(probe))
+    try:
+        Trainer(cfg).fit()
+    finally:
+        step_module.remove_step_probe()
+    lines = [json.loads(x) for x in probe.read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3]
+    assert lines[0]["time"] <= lines[-1]["time"]
