@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_section  # noqa: E402
+from common import add_model_args, write_section  # noqa: E402
 
 
 def _free_port() -> int:
@@ -135,10 +135,7 @@ def _mb(x: int) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--items", type=int, default=1_000_000, help="real items (catalogue = items + pad)")
-    ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--blocks", type=int, default=2)
-    ap.add_argument("--seq-len", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
+    add_model_args(ap, blocks=2, seq_len=20, batch=8)  # --batch: sequences per rank per step
     ap.add_argument("--num-samples", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--no-write", action="store_true")

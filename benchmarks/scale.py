@@ -45,7 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import write_section  # noqa: E402
+from common import add_model_args, write_section  # noqa: E402
 
 USERS = {1_000_000: 100_000, 10_000_000: 1_000_000, 100_000_000: 5_000_000}
 TARGETS = {"prepare_s": 120.0, "prepare_rss_mb": 1.5, "first_step_s": 1.2}
@@ -89,7 +89,7 @@ def _config(path: Path, n: int, args: argparse.Namespace, opts: dict, bucket: st
         "prepare": {"source": f"{root}/raw", "output": f"{root}/prep", "memory_limit_mb": args.memory_mb,
                     "num_shards": args.shards, "row_group_size": args.row_group_size},
         "data": {"path": f"{root}/prep", "storage_options": {"endpoint_url": opts["endpoint_url"]},
-                 "max_len": args.max_len, "batch_size": args.batch, "num_workers": 0},
+                 "max_len": args.seq_len, "batch_size": args.batch, "num_workers": 0},
         "model": {"dim": args.dim, "num_blocks": args.blocks},
         "loss": {"kind": "sampled", "sampler": "unigram", "num_samples": args.num_samples},
         "optim": {"warmup_steps": 5},
@@ -153,7 +153,7 @@ def run_size(n: int, args: argparse.Namespace, server, work: Path) -> dict:
     print(f"[{n:,}] prepare {wall:.1f}s, peak RSS {rss:.0f} MB, {out['prepared_bytes'] / 1e6:.1f} MB stored",
           flush=True)
 
-    data_cfg = DataConfig(path=f"{root}/prep", storage_options=opts, max_len=args.max_len, batch_size=args.batch)
+    data_cfg = DataConfig(path=f"{root}/prep", storage_options=opts, max_len=args.seq_len, batch_size=args.batch)
     out.update(_reader(data_cfg, args.read_seconds))
     print(f"[{n:,}] reader {out['reader_seq_s']:,.0f} sequences/s, loader {out['loader_windows_s']:,.0f} "
           "windows/s", flush=True)
@@ -196,7 +196,7 @@ def _table(results: list[dict], args: argparse.Namespace) -> str:
         f"--steps {args.steps}`: production-shaped synthetic logs (`stackrec_dist.data.synthetic_scale`, "
         f"{args.items:,} items), `prepare.memory_limit_mb={args.memory_mb}`, {args.shards} shards, row groups of "
         f"{args.row_group_size}; training: 2 Ray workers, ZeRO-{args.zero}, NextItNet-{args.blocks} C={args.dim} "
-        f"L={args.max_len} B={args.batch}, sampled softmax ({args.num_samples} negatives, unigram). "
+        f"L={args.seq_len} B={args.batch}, sampled softmax ({args.num_samples} negatives, unigram). "
         "Ratios are against the first size.",
         "",
         "| interactions | users | prepare s | x | peak RSS MB | x | prepared MB | reader seq/s | loader windows/s "
@@ -205,7 +205,8 @@ def _table(results: list[dict], args: argparse.Namespace) -> str:
     ]
     for r in results:
         lines.append(
-            f"| {r['raw_interactions']:,} | {r['users']:,} | {r['prepare_s']:.1f} | {r['prepare_s'] / base['prepare_s']:.1f} "
+            f"| {r['raw_interactions']:,} | {r['users']:,} | {r['prepare_s']:.1f} "
+            f"| {r['prepare_s'] / base['prepare_s']:.1f} "
             f"| {r['prepare_rss_mb']:.0f} | {r['prepare_rss_mb'] / base['prepare_rss_mb']:.2f} "
             f"| {r['prepared_bytes'] / 2**20:,.1f} | {r['reader_seq_s']:,.0f} | {r['loader_windows_s']:,.0f} "
             f"| {r['first_step_s']:.1f} | {r['first_step_s'] / base['first_step_s']:.2f} | {r['step_rate']:.2f} "
@@ -236,10 +237,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--memory-mb", type=int, default=1024, help="prepare.memory_limit_mb")
     ap.add_argument("--shards", type=int, default=16)
     ap.add_argument("--row-group-size", type=int, default=4096)
-    ap.add_argument("--max-len", type=int, default=50)
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--blocks", type=int, default=4)
+    add_model_args(ap)
     ap.add_argument("--num-samples", type=int, default=1024)
     ap.add_argument("--zero", type=int, default=2)
     ap.add_argument("--steps", type=int, default=30)

@@ -451,7 +451,7 @@ def _finish(
         table = _read_bucket(path)
         bu = _bucket_users(table)
         long_enough = bu.counts >= cfg.min_sequence_length
-        in_domain = _domain_mask(cfg, bu.names.to_pylist())
+        in_domain = _domain_mask(cfg, bu.names.to_pylist()) if cfg.user_subset != "all" else None
         if in_domain is None:
             in_domain = np.ones(len(bu.counts), dtype=bool)
         kept = long_enough & in_domain
