@@ -19,3 +19,11 @@ def write_section(name: str, body: str, path: Path = DOCS) -> None:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def add_model_args(parser, *, dim: int = 64, blocks: int = 4, seq_len: int = 50, batch: int = 256) -> None:
+    """The model/batch shape flags shared by the training benchmarks: --dim --blocks --seq-len --batch."""
+    parser.add_argument("--dim", type=int, default=dim)
+    parser.add_argument("--blocks", type=int, default=blocks)
+    parser.add_argument("--seq-len", type=int, default=seq_len)
+    parser.add_argument("--batch", type=int, default=batch)

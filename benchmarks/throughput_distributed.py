@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_section  # noqa: E402
+from common import add_model_args, write_section  # noqa: E402
 
 from stackrec_dist.config import config_from_dict  # noqa: E402
 
@@ -101,10 +101,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="cores for the bare loop and a lone worker")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--items", type=int, default=3707, help="catalogue size V (MovieLens-1M's)")
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--blocks", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=50)
-    parser.add_argument("--batch", type=int, default=256)
+    add_model_args(parser)
     parser.add_argument("--quick", action="store_true", help="few steps, small catalogue (smoke test)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)

@@ -71,6 +71,25 @@ class ShardInfo:
 class SplitInfo:
     rows: int
     shards: list[ShardInfo] = field(default_factory=list)
+    # Histogram of the rows' sequence lengths: {"length": [n, ...] ascending, "count": [rows, ...]}.
+    # The epoch's window count for any max_len L and either packing follows exactly
+    # (sum count * ceil((n-1)/L), sum count * (n-1)) without opening a shard. None in manifests
+    # written before it existed.
+    length_histogram: dict[str, list[int]] | None = None
+
+    def windows(self, max_len: int) -> int:
+        """Pad-layout windows of this split: sum over rows of ceil((n - 1) / max_len)."""
+        h = self._histogram()
+        return sum(c * ((max(n - 1, 0) + max_len - 1) // max_len) for n, c in h)
+
+    def transitions(self) -> int:
+        """Next-item transitions of this split: sum over rows of n - 1."""
+        return sum(c * max(n - 1, 0) for n, c in self._histogram())
+
+    def _histogram(self) -> list[tuple[int, int]]:
+        if self.length_histogram is None:
+            raise ValueError("no length_histogram in this manifest split")
+        return list(zip(self.length_histogram["length"], self.length_histogram["count"]))
 
 
 @dataclass
@@ -83,6 +102,11 @@ class Manifest:
     id_maps: dict[str, str] = field(default_factory=dict)  # {"items": "id_maps/items.parquet", ...}
     created_by: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # Occurrences of every item id in the training split, for the unigram sampler: a separate
+    # Parquet file (one int64 column ``count``, row j = item id j, row 0 = pad = 0) so a
+    # million-item catalogue does not bloat this file. {"path", "split", "sha256", "bytes",
+    # "total"}; None in manifests written before it existed.
+    item_counts: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -183,7 +207,10 @@ def manifest_from_dict(raw: Any, mpath: str = MANIFEST_NAME) -> Manifest:
         total = sum(s.rows for s in shards)
         if total != rows:
             raise ManifestError(f"rows {rows} != sum of shard rows {total}", path=mpath, field=f"{where}rows")
-        splits[name] = SplitInfo(rows=rows, shards=shards)
+        hist = sraw.get("length_histogram")
+        if hist is not None:
+            hist = _check_histogram(hist, rows, mpath, f"{where}length_histogram")
+        splits[name] = SplitInfo(rows=rows, shards=shards, length_histogram=hist)
     id_maps = raw.get("id_maps", {})
     if not isinstance(id_maps, dict) or not all(isinstance(v, str) for v in id_maps.values()):
         raise ManifestError(f"must map names to paths (got {id_maps!r})", path=mpath, field="id_maps")
@@ -191,7 +218,31 @@ def manifest_from_dict(raw: Any, mpath: str = MANIFEST_NAME) -> Manifest:
     extra = raw.get("extra", {})
     if not isinstance(extra, dict):
         raise ManifestError(f"must be an object (got {extra!r})", path=mpath, field="extra")
-    return Manifest(version, num_items, num_users, protocol, splits, dict(id_maps), str(created_by), dict(extra))
+    counts = raw.get("item_counts")
+    if counts is not None:
+        if not isinstance(counts, dict):
+            raise ManifestError(f"must be an object (got {counts!r})", path=mpath, field="item_counts")
+        for key, types in (("path", str), ("split", str), ("sha256", str), ("bytes", int), ("total", int)):
+            _need(counts, key, types, "item_counts.", mpath)
+        counts = dict(counts)
+    return Manifest(version, num_items, num_users, protocol, splits, dict(id_maps), str(created_by), dict(extra),
+                    counts)
+
+
+def _check_histogram(hist: Any, rows: int, mpath: str, where: str) -> dict[str, list[int]]:
+    ok = (
+        isinstance(hist, dict)
+        and isinstance(hist.get("length"), list)
+        and isinstance(hist.get("count"), list)
+        and len(hist["length"]) == len(hist["count"])
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in hist["length"] + hist["count"])
+    )
+    if not ok:
+        raise ManifestError("must be {\"length\": [ints >= 0], \"count\": [ints >= 0]} of equal length",
+                            path=mpath, field=where)
+    if sum(hist["count"]) != rows:
+        raise ManifestError(f"counts sum to {sum(hist['count'])}, the split has {rows} rows", path=mpath, field=where)
+    return {"length": list(hist["length"]), "count": list(hist["count"])}
 
 
 def read_manifest(

@@ -2,27 +2,36 @@
 
 Deterministic and bounded in memory:
 
-* Pass 1 streams the raw batches, gives every user and item a provisional id (first-seen order),
-  counts interactions per user and spills ``(user, item, timestamp)`` rows to local Arrow IPC
-  bucket files by a fixed 64-bit hash of the user's original id (bucket = top bits of the hash).
-* Final ids: kept users (>= min_sequence_length interactions) get dense ids 0..U-1 and the items
-  they touch dense ids 1..V-1, both in sorted original-id order (numeric when every id is an
-  integer, else by string); 0 is the pad item.
-* Pass 2 loads consecutive buckets up to the memory budget at a time, sorts rows by
+* Pass 1 streams the raw batches and spills ``(user, item, timestamp, user hash)`` rows, ids as
+  the original strings, to local Arrow IPC bucket files by a fixed 64-bit hash of the user's
+  original id (bucket = top bits of the hash). No vocabulary is built: nothing in memory grows
+  with the number of distinct ids.
+* Pass A reads one bucket at a time (all of a user's rows are in one bucket): interactions per
+  user, who is kept (>= min_sequence_length interactions, in the domain), the items long-enough
+  users touch; each bucket's kept users and touched items go to :class:`vocab.SortedIds`.
+* Final ids: kept users get dense ids 0..U-1 and the items they touch dense ids 1..V-1, both in
+  sorted original-id order (numeric when every id is an integer, else by string); 0 is the pad
+  item. ``SortedIds`` computes them as global ranks by an external range-partitioned sort
+  (partitions of about ``budget / NAME_BYTES`` ids) and the id maps are streamed out in order.
+* Pass 2 loads consecutive buckets up to the memory budget at a time, maps them to dense ids
+  (each bucket's ids come back from ``SortedIds`` aligned with what it gave), sorts rows by
   (user hash, user id, timestamp) with a stable sort (ties keep input order), builds sequences,
-  splits them and appends them to the shard writers.
+  splits them and appends them to the shard writers, which also record each split's
+  sequence-length histogram and the training split's item counts (for the manifest).
 
 Rows are written in (user hash, user id) order and shard ``j`` holds the users whose hash falls in
 the j-th of ``num_shards`` equal hash ranges. Both orders are monotone in the hash, so the output
 is the same whatever the number of buckets or partitions (i.e. whatever ``memory_limit_mb``), and
 users come out in a random-looking, seed-independent order, which spreads them across shards.
 
-Only the id vocabularies (one Python string per distinct user and item) are held for the whole
-run; the bound ``memory_limit_mb`` covers the interactions.
+``memory_limit_mb`` bounds the interactions held (pass A and 2) and the ids being sorted; what
+grows with the number of distinct ids lives in the spill directory. Resident memory measured
+flat from 60k to 240k distinct users (and 180k to 720k items) at a 16 MB bound
+(tests/data/test_prepare.py::test_memory_bound_with_many_distinct_ids).
 
 Time slices (CL, ``time_slices = T > 0``): with N the number of interactions of kept users, the
 boundary b_k (k = 1..T-1) is the ceil(k*N/T)-th smallest of their timestamps (exact, found by
-histogram refinement over the spill files) and b_T = +inf. Split ``slice-k`` holds, for every
+histogram refinement over per-bucket files of the kept timestamps written in pass A) and b_T = +inf. Split ``slice-k`` holds, for every
 training row, its interactions with timestamp <= b_k (rows left empty are omitted), so
 ``slice-T`` equals ``train`` and no valid/test target leaks into any slice. ``valid``/``test`` stay
 those of the full data.
@@ -35,7 +44,7 @@ independent. Only that domain's users are kept (counted as ``users_other_domain`
 id map is the one ``user_subset = all`` builds (items touched by any user with
 >= ``min_sequence_length`` interactions), so source, target and all share item ids and
 ``num_items``; users get dense ids 0..U-1 within their domain. The domain is one bool per user,
-computed between the passes: memory stays bounded as above, and the output is deterministic.
+computed in pass A: memory stays bounded as above, and the output is deterministic.
 """
 
 from __future__ import annotations
@@ -44,7 +53,6 @@ import hashlib
 import math
 import os
 import posixpath
-import re
 import resource
 import shutil
 import tempfile
@@ -55,6 +63,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..config import PrepareConfig
@@ -62,14 +71,19 @@ from .errors import CorruptFileError, DataError
 from .manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, write_manifest
 from .storage import display_path, open_fs, storage_errors
 from .raw import BadRows, RawBatch, RawColumns, bad_rows_table, QUARANTINE_SCHEMA, estimate_rows, iter_raw, list_raw_files, raw_input_bytes
-from .writer import SplitWriter, sequence_table
+from .vocab import SortedIds
+from .writer import SplitWriter, sequence_table, write_item_counts
 
 # Peak bytes per interaction held in pass 2 (loaded columns, sort keys and permutation, the split
 # copies and their Arrow conversion); measured ~110 on synthetic logs, rounded up.
 BYTES_PER_ROW = 160
+# Bytes per original id while the id vocabularies are sorted (a Python string, its sort key, a
+# dict entry): sets how many ids one external-sort partition holds.
+NAME_BYTES = 400
 MAX_BUCKETS = 1024
-_SPILL_SCHEMA = pa.schema([("u", pa.int32()), ("i", pa.int32()), ("t", pa.int64())])
-_INT_ID = re.compile(r"-?[0-9]+")
+# Original ids travel as strings through the spill (no vocabulary is held in memory), with the
+# user's 64-bit hash computed once per batch.
+_SPILL_SCHEMA = pa.schema([("u", pa.string()), ("i", pa.string()), ("t", pa.int64()), ("h", pa.uint64())])
 _HIST_BINS = 1 << 16
 
 
@@ -169,7 +183,7 @@ def prepare_dataset(
         own_spill = tempfile.mkdtemp(prefix="stackrec-prepare-", dir=spill_dir)
         try:
             state = _pass1(uri, storage_options, columns, quarantine, num_buckets, own_spill, out_fs, root, budget_rows)
-            report = _finish(cfg, state, out_fs, root, budget_rows)
+            report = _finish(cfg, state, out_fs, root, budget_rows, own_spill)
         finally:
             shutil.rmtree(own_spill, ignore_errors=True)
     report.input_bytes = input_bytes
@@ -205,15 +219,6 @@ def _domain_mask(cfg: PrepareConfig, names: list[str]) -> np.ndarray | None:
     return target if cfg.user_subset == "target" else ~target
 
 
-def _sorted_order(ids: list[str]) -> np.ndarray:
-    """Indices of ``ids`` in sorted original-id order: numeric if all are integers, else string."""
-    if all(_INT_ID.fullmatch(s) for s in ids):
-        order = sorted(range(len(ids)), key=lambda k: (int(ids[k]), ids[k]))
-    else:
-        order = sorted(range(len(ids)), key=ids.__getitem__)
-    return np.asarray(order, dtype=np.int64)
-
-
 def _shard_of(h: np.ndarray, num_shards: int) -> np.ndarray:
     # floor(h * S / 2^64) on 32 bits of precision: monotone in h, no uint64 overflow.
     return (((h >> np.uint64(32)) * np.uint64(num_shards)) >> np.uint64(32)).astype(np.int64)
@@ -225,42 +230,8 @@ def _bucket_of(h: np.ndarray, num_buckets: int) -> np.ndarray:
     return (h >> np.uint64(64 - int(num_buckets).bit_length() + 1)).astype(np.int64)
 
 
-class _Vocab:
-    """Original id (string) -> provisional id, first-seen order."""
-
-    def __init__(self, with_hash: bool) -> None:
-        self.index: dict[str, int] = {}
-        self.names: list[str] = []
-        self.with_hash = with_hash
-        self.hashes = np.zeros(1024, dtype=np.uint64)
-
-    def lookup(self, arr: pa.Array) -> np.ndarray:
-        enc = arr.dictionary_encode()
-        values = enc.dictionary.to_pylist()
-        ids = np.empty(len(values), dtype=np.int64)
-        index = self.index
-        for j, s in enumerate(values):
-            v = index.get(s)
-            if v is None:
-                v = len(self.names)
-                index[s] = v
-                self.names.append(s)
-                if self.with_hash:
-                    if v >= len(self.hashes):
-                        self.hashes = np.concatenate([self.hashes, np.zeros(len(self.hashes), np.uint64)])
-                    self.hashes[v] = _hash64(s)
-            ids[j] = v
-        return ids[np.asarray(enc.indices.to_numpy(zero_copy_only=False), dtype=np.int64)]
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
 @dataclass
 class _Pass1:
-    users: _Vocab
-    items: _Vocab
-    counts: np.ndarray  # per provisional user
     bucket_paths: list[str]
     bucket_rows: np.ndarray
     rows_read: int
@@ -283,7 +254,7 @@ def _clear_output(fs: fsspec.AbstractFileSystem, root: str) -> None:
         fs.rm(manifest)
     for entry in fs.ls(root, detail=False):
         name = posixpath.basename(entry.rstrip("/"))
-        if name in ("train", "valid", "test", "id_maps", "_quarantine") or name.startswith("slice-"):
+        if name in ("train", "valid", "test", "id_maps", "stats", "_quarantine") or name.startswith("slice-"):
             fs.rm(entry, recursive=True)
 
 
@@ -302,8 +273,6 @@ def _pass1(
     # flight, so only when the budget is roomy.
     read_rows = int(min(65536, max(4096, budget_rows // 16)))
     read_threads = budget_rows * BYTES_PER_ROW >= 256 << 20
-    users, items = _Vocab(with_hash=True), _Vocab(with_hash=False)
-    counts = np.zeros(1024, dtype=np.int64)
     paths = [os.path.join(spill, f"bucket-{b:05d}.arrows") for b in range(num_buckets)]
     sinks = [pa.OSFile(p, "wb") for p in paths]
     writers = [pa.ipc.new_stream(s, _SPILL_SCHEMA) for s in sinks]
@@ -331,21 +300,23 @@ def _pass1(
             if n == 0:
                 continue
             rows_read += n
-            u = users.lookup(batch.user)
-            i = items.lookup(batch.item)
-            if len(users) > len(counts):
-                counts = np.concatenate([counts, np.zeros(max(len(users), 2 * len(counts)) - len(counts), np.int64)])
-            counts += np.bincount(u, minlength=len(counts))[: len(counts)]
-            bucket = _bucket_of(users.hashes[u], num_buckets)
+            user = batch.user.cast(pa.string())
+            enc = user.dictionary_encode()
+            names = enc.dictionary.to_pylist()
+            h = np.fromiter((_hash64(x) for x in names), dtype=np.uint64, count=len(names))
+            h = h[np.asarray(enc.indices.to_numpy(zero_copy_only=False), dtype=np.int64)]
+            item = batch.item.cast(pa.string())
+            bucket = _bucket_of(h, num_buckets)
             order = np.argsort(bucket, kind="stable")  # stable: keeps input order within a bucket
             sb = bucket[order]
             cuts = np.flatnonzero(np.diff(sb)) + 1
             for s, e in zip(np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [n]]).tolist()):
                 sel = order[s:e]
                 b = int(sb[s])
+                take = pa.array(sel)
                 writers[b].write_batch(
                     pa.record_batch(
-                        [pa.array(u[sel].astype(np.int32)), pa.array(i[sel].astype(np.int32)), pa.array(batch.timestamp[sel])],
+                        [user.take(take), item.take(take), pa.array(batch.timestamp[sel]), pa.array(h[sel])],
                         schema=_SPILL_SCHEMA,
                     )
                 )
@@ -358,47 +329,53 @@ def _pass1(
         if q_writer is not None:
             q_writer.close()
             q_file.close()
-    return _Pass1(
-        users, items, counts[: len(users)], paths, bucket_rows, rows_read, rows_bad,
-        q_path if rows_bad else None, uri,
-    )
+    return _Pass1(paths, bucket_rows, rows_read, rows_bad, q_path if rows_bad else None, uri)
 
 
-def _read_bucket(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _read_bucket(path: str) -> pa.Table:
     with pa.memory_map(path) as source:
-        table = pa.ipc.open_stream(source).read_all()
-    if table.num_rows == 0:
-        empty = np.zeros(0, np.int64)
-        return empty, empty, empty
-    return (
-        table.column("u").to_numpy().astype(np.int64),
-        table.column("i").to_numpy().astype(np.int64),
-        table.column("t").to_numpy(),
-    )
+        return pa.ipc.open_stream(source).read_all().combine_chunks()
 
 
-def _iter_spill_batches(paths: list[str]):
-    """(u, i, t) per spilled record batch: for scans that need no whole-user view."""
-    for path in paths:
-        with pa.memory_map(path) as source:
-            for rb in pa.ipc.open_stream(source):
-                yield (
-                    rb.column(0).to_numpy().astype(np.int64),
-                    rb.column(1).to_numpy().astype(np.int64),
-                    rb.column(2).to_numpy(),
-                )
+@dataclass
+class _BucketUsers:
+    """The users of one spill bucket, numbered in first-seen order within the bucket (the order
+    Arrow's dictionary_encode gives, so the same on every read of the bucket)."""
+
+    row_user: np.ndarray  # (rows,) int64 local user of each row
+    names: pa.Array  # (users,) original ids
+    counts: np.ndarray  # (users,) interactions
+
+
+def _bucket_users(table: pa.Table) -> _BucketUsers:
+    enc = table.column("u").combine_chunks().dictionary_encode()
+    if isinstance(enc, pa.ChunkedArray):
+        enc = enc.chunk(0) if enc.num_chunks else pa.array([], pa.string()).dictionary_encode()
+    row_user = np.asarray(enc.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+    return _BucketUsers(row_user, enc.dictionary, np.bincount(row_user, minlength=len(enc.dictionary)))
+
+
+def _touched_items(table: pa.Table, row_long: np.ndarray) -> pa.Array:
+    """Distinct items of the rows of long-enough users, first-seen order (deterministic)."""
+    return pc.unique(table.column("i").combine_chunks().filter(pa.array(row_long)))
 
 
 # ---------------------------------------------------------------------------------------------
-# Between the passes: final ids, time-slice boundaries
+# Between the passes: time-slice boundaries
+
+
+def _iter_ts(paths: list[str]):
+    for path in paths:
+        yield np.load(path)
 
 
 def _exact_quantile_values(
-    paths: list[str], kept: np.ndarray, ranks: list[int], lo: int, hi: int, first_counts: np.ndarray, width: int
+    paths: list[str], ranks: list[int], lo: int, hi: int, first_counts: np.ndarray, width: int
 ) -> list[int]:
     """The ranks-th smallest kept timestamps (1-based ranks), by histogram refinement.
 
-    ``first_counts`` is the histogram of all kept timestamps over bins [lo + k*width, ...).
+    ``paths``: one .npy of kept timestamps per spill bucket. ``first_counts`` is the histogram
+    of all kept timestamps over bins [lo + k*width, ...).
     """
     out = []
     for r in ranks:
@@ -413,33 +390,101 @@ def _exact_quantile_values(
                 break
             nw = max(1, -(-w // _HIST_BINS))
             counts = np.zeros(-(-w // nw), dtype=np.int64)
-            for u, _, t in _iter_spill_batches(paths):
-                m = kept[u] & (t >= base) & (t < base + w)
+            for t in _iter_ts(paths):
+                m = (t >= base) & (t < base + w)
                 if m.any():
                     counts += np.bincount((t[m] - base) // nw, minlength=len(counts))[: len(counts)]
             w = nw
     return out
 
 
-def _finish(cfg: PrepareConfig, s: _Pass1, fs: fsspec.AbstractFileSystem, root: str, budget_rows: int) -> PrepareReport:
+ID_MAP_ROW_GROUP = 1 << 16
+
+
+class _IdMapWriter:
+    """``id_maps/<name>.parquet`` written as names arrive in dense-id order, in row groups of
+    exactly ``ID_MAP_ROW_GROUP`` rows (so the bytes do not depend on how the names were batched)."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, name: str, id_type: pa.DataType) -> None:
+        self.rel = f"id_maps/{name}.parquet"
+        fs.makedirs(posixpath.join(root, "id_maps"), exist_ok=True)
+        self.schema = pa.schema([("original_id", pa.string()), ("dense_id", id_type)])
+        self._file = fs.open(posixpath.join(root, self.rel), "wb")
+        self._writer = pq.ParquetWriter(self._file, self.schema, compression="zstd")
+        self._names: list[str] = []
+        self._first = 0
+
+    def add(self, names: list[str], first_id: int) -> None:
+        if not self._names:
+            self._first = first_id
+        self._names.extend(names)
+        while len(self._names) >= ID_MAP_ROW_GROUP:
+            self._emit(self._names[:ID_MAP_ROW_GROUP])
+            self._names = self._names[ID_MAP_ROW_GROUP:]
+
+    def _emit(self, names: list[str]) -> None:
+        ids = np.arange(self._first, self._first + len(names))
+        self._writer.write_table(pa.table([pa.array(names, pa.string()), pa.array(ids, self.schema.field(1).type)],
+                                          schema=self.schema), row_group_size=ID_MAP_ROW_GROUP)
+        self._first += len(names)
+
+    def close(self) -> str:
+        if self._names:
+            self._emit(self._names)
+            self._names = []
+        self._writer.close()
+        self._file.close()
+        return self.rel
+
+
+def _finish(
+    cfg: PrepareConfig, s: _Pass1, fs: fsspec.AbstractFileSystem, root: str, budget_rows: int, spill: str
+) -> PrepareReport:
+    # Pass A, one bucket at a time (a user's rows are all in one bucket): interactions per user,
+    # who is kept, the items long-enough users touch, and the kept timestamps when slicing.
     # long_enough decides the item id map (shared by all domains); kept decides the rows.
-    long_enough = s.counts >= cfg.min_sequence_length
-    in_domain = _domain_mask(cfg, s.users.names)
-    if in_domain is None:
-        in_domain = np.ones(len(s.users), dtype=bool)
-    kept = long_enough & in_domain
-    users_dropped = int((~long_enough & in_domain).sum())
-    interactions_dropped = int(s.counts[~long_enough & in_domain].sum())
-    interactions_kept = int(s.counts[kept].sum())
-    users_other_domain = int((long_enough & ~in_domain).sum())
-    interactions_other_domain = int(s.counts[long_enough & ~in_domain].sum())
-    if not long_enough.any():
+    names_per_partition = budget_rows * BYTES_PER_ROW // NAME_BYTES
+    users = SortedIds(os.path.join(spill, "users"), names_per_partition)
+    items = SortedIds(os.path.join(spill, "items"), names_per_partition)
+    kept_paths = [os.path.join(spill, f"kept-{b:05d}.npy") for b in range(len(s.bucket_paths))]
+    ts_paths = [os.path.join(spill, f"ts-{b:05d}.npy") for b in range(len(s.bucket_paths))]
+    total_users = users_dropped = interactions_dropped = interactions_kept = 0
+    users_other_domain = interactions_other_domain = 0
+    any_long = False
+    tmin, tmax = None, None
+    for b, path in enumerate(s.bucket_paths):
+        table = _read_bucket(path)
+        bu = _bucket_users(table)
+        long_enough = bu.counts >= cfg.min_sequence_length
+        in_domain = _domain_mask(cfg, bu.names.to_pylist()) if cfg.user_subset != "all" else None
+        if in_domain is None:
+            in_domain = np.ones(len(bu.counts), dtype=bool)
+        kept = long_enough & in_domain
+        total_users += len(bu.counts)
+        any_long |= bool(long_enough.any())
+        users_dropped += int((~long_enough & in_domain).sum())
+        interactions_dropped += int(bu.counts[~long_enough & in_domain].sum())
+        interactions_kept += int(bu.counts[kept].sum())
+        users_other_domain += int((long_enough & ~in_domain).sum())
+        interactions_other_domain += int(bu.counts[long_enough & ~in_domain].sum())
+        np.save(kept_paths[b], kept)
+        users.add(bu.names.filter(pa.array(kept)))
+        items.add(_touched_items(table, long_enough[bu.row_user]))
+        if cfg.time_slices > 1:
+            t = table.column("t").to_numpy()[kept[bu.row_user]]
+            np.save(ts_paths[b], t)
+            if len(t):
+                tmin = int(t.min()) if tmin is None else min(tmin, int(t.min()))
+                tmax = int(t.max()) if tmax is None else max(tmax, int(t.max()))
+        del table, bu
+        pa.default_memory_pool().release_unused()
+    if not any_long:
         raise DataError(
             f"no user has >= min_sequence_length={cfg.min_sequence_length} valid interactions "
-            f"({len(s.users)} users, {s.rows_read - s.rows_bad} valid rows)",
+            f"({total_users} users, {s.rows_read - s.rows_bad} valid rows)",
             path=s.source,
         )
-    if not kept.any():
+    if interactions_kept == 0:
         raise DataError(
             f"prepare.user_subset={cfg.user_subset!r}: no user with >= min_sequence_length="
             f"{cfg.min_sequence_length} interactions falls in this domain "
@@ -447,53 +492,28 @@ def _finish(cfg: PrepareConfig, s: _Pass1, fs: fsspec.AbstractFileSystem, root: 
             f"{users_other_domain} users in the other domain)",
             path=s.source,
         )
-    kept_prov = np.flatnonzero(kept)
-    order = _sorted_order([s.users.names[k] for k in kept_prov])
-    user_final = np.full(len(s.users), -1, dtype=np.int64)
-    user_final[kept_prov[order]] = np.arange(len(kept_prov))
-    num_users = len(kept_prov)
 
-    # Scan: items touched by kept users, and a first timestamp histogram when slicing.
-    item_seen = np.zeros(len(s.items), dtype=bool)
-    tmin, tmax = None, None
-    for u, i, t in _iter_spill_batches(s.bucket_paths):
-        item_seen[i[long_enough[u]]] = True
-        m = kept[u]
-        if cfg.time_slices > 1 and m.any():
-            tm = t[m]
-            tmin = int(tm.min()) if tmin is None else min(tmin, int(tm.min()))
-            tmax = int(tm.max()) if tmax is None else max(tmax, int(tm.max()))
-    seen = np.flatnonzero(item_seen)
-    iorder = _sorted_order([s.items.names[k] for k in seen])
-    item_final = np.zeros(len(s.items), dtype=np.int64)
-    item_final[seen[iorder]] = np.arange(1, len(seen) + 1)
-    num_items = len(seen) + 1
+    # Dense ids: global ranks in sorted original-id order, by external sort; the id maps are
+    # written as the sorted names come out.
+    user_map = _IdMapWriter(fs, root, "users", pa.int64())
+    num_users = users.assign(0, user_map.add)
+    item_map = _IdMapWriter(fs, root, "items", pa.int32())
+    num_items = items.assign(1, item_map.add) + 1
+    id_maps = {"items": item_map.close(), "users": user_map.close()}
 
     boundaries: list[int] = []
     if cfg.time_slices > 1:
         width = max(1, -(-(tmax - tmin + 1) // _HIST_BINS))
         counts = np.zeros(-(-(tmax - tmin + 1) // width), dtype=np.int64)
-        for u, _, t in _iter_spill_batches(s.bucket_paths):
-            m = kept[u]
-            if m.any():
-                counts += np.bincount((t[m] - tmin) // width, minlength=len(counts))[: len(counts)]
+        for t in _iter_ts(ts_paths):
+            if len(t):
+                counts += np.bincount((t - tmin) // width, minlength=len(counts))[: len(counts)]
         ranks = [-(-k * interactions_kept // cfg.time_slices) for k in range(1, cfg.time_slices)]
-        boundaries = _exact_quantile_values(s.bucket_paths, kept, ranks, tmin, tmax, counts, width)
-
-    # Held-out membership by a seeded hash of the original user id: 0 train, 1 valid, 2 test.
-    final_hash = np.zeros(num_users, dtype=np.uint64)
-    final_hash[user_final[kept_prov]] = s.users.hashes[kept_prov]
-    held = None
-    if cfg.split == "held_out":
-        key = int(cfg.seed).to_bytes(8, "little", signed=True)
-        held = np.zeros(num_users, dtype=np.int8)
-        frac = cfg.held_out_fraction
-        for prov in kept_prov.tolist():
-            x = _hash64(s.users.names[prov], key) / 2.0**64
-            held[user_final[prov]] = 2 if x < frac else (1 if x < 2 * frac else 0)
+        boundaries = _exact_quantile_values(ts_paths, ranks, tmin, tmax, counts, width)
 
     split_names = ["train", "valid", "test"] + [f"slice-{k}" for k in range(1, cfg.time_slices + 1)]
-    writers = {n: SplitWriter(fs, root, n, cfg.num_shards, cfg.row_group_size) for n in split_names}
+    writers = {n: SplitWriter(fs, root, n, cfg.num_shards, cfg.row_group_size,
+                              num_items=num_items if n == "train" else None) for n in split_names}
 
     # Pass 2: consecutive buckets up to the budget at a time.
     groups: list[list[int]] = []
@@ -503,28 +523,33 @@ def _finish(cfg: PrepareConfig, s: _Pass1, fs: fsspec.AbstractFileSystem, root: 
         else:
             groups.append([b])
     bounds = boundaries + [None] if cfg.time_slices else []
+    held_key = int(cfg.seed).to_bytes(8, "little", signed=True)
     for g in groups:
-        parts = [_read_bucket(s.bucket_paths[b]) for b in g]
+        parts = []
+        for b in g:
+            parts.append(_bucket_rows(cfg, s.bucket_paths[b], np.load(kept_paths[b]), users.ids(b), items.ids(b),
+                                      held_key))
         u = np.concatenate([p[0] for p in parts])
         i = np.concatenate([p[1] for p in parts])
         t = np.concatenate([p[2] for p in parts])
+        h = np.concatenate([p[3] for p in parts])
+        held = np.concatenate([p[4] for p in parts]) if cfg.split == "held_out" else None
         del parts
-        m = kept[u]
-        u, i, t = user_final[u[m]], item_final[i[m]], t[m]
         if len(u) == 0:
             continue
-        h = final_hash[u]
         perm = np.lexsort((t, u, h))  # last key primary; lexsort is stable, so ties keep input order
         u, i, t, h = u[perm], i[perm], t[perm], h[perm]
+        if held is not None:
+            held = held[perm]
         del perm
         _emit_group(cfg, writers, u, i, t, h, held, bounds)
-        del u, i, t, h
+        del u, i, t, h, held
         # mimalloc (Arrow's default pool) keeps freed segments per thread; hand them back so
         # resident memory tracks the budget rather than the high-water mark of every thread.
         pa.default_memory_pool().release_unused()
 
     split_infos = {n: w.close() for n, w in writers.items()}
-    id_maps = _write_id_maps(fs, root, s, kept_prov[order], seen[iorder])
+    item_counts = write_item_counts(fs, root, writers["train"].item_counts, "train")
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
         num_items=num_items,
@@ -554,6 +579,7 @@ def _finish(cfg: PrepareConfig, s: _Pass1, fs: fsspec.AbstractFileSystem, root: 
             "users_other_domain": users_other_domain,
             "interactions_other_domain": interactions_other_domain,
         },
+        item_counts=item_counts,
     )
     write_manifest(fs, root, manifest)
     return PrepareReport(
@@ -575,8 +601,32 @@ def _finish(cfg: PrepareConfig, s: _Pass1, fs: fsspec.AbstractFileSystem, root: 
         partitions=len(groups),
         wall_s=0.0,
         peak_rss_mb=0.0,
-        extra={"manifest": manifest},
+        extra={"manifest": manifest, "id_sort_partitions": {"users": users.partitions, "items": items.partitions}},
     )
+
+
+def _bucket_rows(cfg: PrepareConfig, path: str, kept: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray,
+                 held_key: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(user, item, timestamp, hash, held-out code) of the kept rows of one bucket, dense ids,
+    in input order. ``user_ids`` / ``item_ids``: the bucket's sources' dense ids from pass A."""
+    table = _read_bucket(path)
+    bu = _bucket_users(table)
+    user_dense = np.full(len(bu.counts), -1, dtype=np.int64)
+    user_dense[np.flatnonzero(kept)] = user_ids
+    touched = _touched_items(table, (bu.counts >= cfg.min_sequence_length)[bu.row_user])
+    m = kept[bu.row_user]
+    sel = pa.array(m)
+    local_item = pc.index_in(table.column("i").combine_chunks().filter(sel), value_set=touched)
+    i = item_ids[np.asarray(local_item.to_numpy(zero_copy_only=False), dtype=np.int64)]
+    held = np.zeros(0, dtype=np.int8)
+    if cfg.split == "held_out":
+        frac = cfg.held_out_fraction
+        kept_names = bu.names.filter(pa.array(kept)).to_pylist()
+        x = np.fromiter((_hash64(n, held_key) / 2.0**64 for n in kept_names), dtype=np.float64, count=len(kept_names))
+        code = np.zeros(len(bu.counts), dtype=np.int8)
+        code[np.flatnonzero(kept)] = np.where(x < frac, 2, np.where(x < 2 * frac, 1, 0))
+        held = code[bu.row_user[m]]
+    return (user_dense[bu.row_user[m]], i, table.column("t").to_numpy()[m], table.column("h").to_numpy()[m], held)
 
 
 def _drop_tail(offsets: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -621,13 +671,14 @@ def _emit_group(
         train_mask, train_off, train_users = tmask, toff, all_users
     else:
         lens = np.diff(offsets)
-        row_split = np.repeat(held[users], lens)
+        user_split = held[starts]  # held is per row (constant within a user's rows)
+        row_split = np.repeat(user_split, lens)
         for code, name in ((0, "train"), (1, "valid"), (2, "test")):
-            sel = np.flatnonzero(held[users] == code)
+            sel = np.flatnonzero(user_split == code)
             vmask = row_split == code
             offs = np.concatenate([[0], np.cumsum(lens[sel])])
             rows(name, sel, offs, vmask)
-        train_users = np.flatnonzero(held[users] == 0)
+        train_users = np.flatnonzero(user_split == 0)
         train_mask = row_split == 0
         train_off = np.concatenate([[0], np.cumsum(lens[train_users])])
     for k, b in enumerate(bounds, start=1):
@@ -642,33 +693,6 @@ def _emit_group(
         sel = train_users[nonempty]
         offs = np.concatenate([[0], np.cumsum(per_row[nonempty])])
         rows(f"slice-{k}", sel, offs, smask, k)
-
-
-def _write_id_maps(
-    fs: fsspec.AbstractFileSystem, root: str, s: _Pass1, users_sorted: np.ndarray, items_sorted: np.ndarray
-) -> dict[str, str]:
-    fs.makedirs(posixpath.join(root, "id_maps"), exist_ok=True)
-    tables = {
-        "items": pa.table(
-            {
-                "original_id": pa.array([s.items.names[k] for k in items_sorted.tolist()], pa.string()),
-                "dense_id": pa.array(np.arange(1, len(items_sorted) + 1, dtype=np.int32)),
-            }
-        ),
-        "users": pa.table(
-            {
-                "original_id": pa.array([s.users.names[k] for k in users_sorted.tolist()], pa.string()),
-                "dense_id": pa.array(np.arange(len(users_sorted), dtype=np.int64)),
-            }
-        ),
-    }
-    out = {}
-    for name, table in tables.items():
-        rel = f"id_maps/{name}.parquet"
-        with fs.open(posixpath.join(root, rel), "wb") as f:
-            pq.write_table(table, f, compression="zstd")
-        out[name] = rel
-    return out
 
 
 def read_id_map(uri: str, name: str = "items", storage_options: dict[str, Any] | None = None) -> dict[str, int]:

@@ -1073,24 +1073,24 @@ def iter_eval_batches(data_cfg: DataConfig, split: str, batch_size: int, rank: i
     """Evaluation rows of ``split``: ``inputs`` (b, L) = the last L items before the target,
     left-padded with 0; ``targets`` (b,) = each row's last item.
 
-    Rows are numbered globally in manifest order and row ``i`` belongs to rank ``i % world_size``:
-    every row is evaluated exactly once across ranks. Rows with fewer than 2 items are bad input.
+    Units (row groups) are strided over ranks like training: unit ``u`` (manifest order) belongs
+    to rank ``u % world_size``, so each rank reads and decodes only its own row groups and every
+    row is evaluated exactly once across ranks (the caller all-reduces the metric sums). A rank
+    may get more rows than another, or none when there are fewer row groups than ranks: the
+    evaluation loop must not run collectives per batch. Rows with fewer than 2 items are bad input.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} not in [0, {world_size})")
     ds = SequenceStream(data_cfg, split, 0, 1, **stream_kwargs)
     L = ds.L
-    reader_units = list(range(len(ds.units)))
-    row_base = 0
-    # Row counts per unit come from the Parquet footers (the manifest has rows per shard only).
+    reader_units = list(range(rank, len(ds.units), world_size))
     pend_i: list[np.ndarray] = []
     pend_t: list[np.ndarray] = []
     n_pend = 0
     for data in ds._read_ahead(reader_units, min_length=2):
-        nrows = len(data.lengths) if not data.bad_row_group else data.bad_rows
-        rows = np.arange(row_base, row_base + len(data.lengths))
-        mine = np.flatnonzero((rows % world_size == rank) & (data.lengths >= 2))
-        row_base += nrows
+        mine = np.flatnonzero(data.lengths >= 2)
         if len(mine):
             last = data.offsets[mine] + data.lengths[mine] - 1  # index of the target
             start = np.maximum(data.offsets[mine], last - L)

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from .manifest import SCHEMA_VERSION, Manifest, write_manifest
 from .storage import open_fs
-from .writer import SplitWriter, sequence_table
+from .writer import SplitWriter, sequence_table, write_item_counts
 
 T0 = 946_684_800  # 2000-01-01 UTC: plausible epoch-second timestamps
 
@@ -166,7 +166,8 @@ def generate_sequence_dataset(
     fs, path = open_fs(root, storage_options)
     fs.makedirs(path, exist_ok=True)
     model = _Model(num_items - 1, seed, params)
-    writers = {n: SplitWriter(fs, path, n, num_shards, row_group_size) for n in ("train", "valid", "test")}
+    writers = {n: SplitWriter(fs, path, n, num_shards, row_group_size, num_items=num_items if n == "train" else None)
+               for n in ("train", "valid", "test")}
     interactions = 0
     for c, start in enumerate(range(0, num_sequences, chunk_sequences)):
         n = min(chunk_sequences, num_sequences - start)
@@ -182,15 +183,17 @@ def generate_sequence_dataset(
             mask = pos < np.repeat(keep, lengths)
             offs = np.concatenate([[0], np.cumsum(keep)])
             writers[name].write(sequence_table(users, offs, items[mask], ts[mask]), shard)
+    splits = {n: w.close() for n, w in writers.items()}
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
         num_items=num_items,
         num_users=num_sequences,
         protocol="leave_last_out",
-        splits={n: w.close() for n, w in writers.items()},
+        splits=splits,
         id_maps={},
         created_by="stackrec_dist.data.synthetic",
         extra={"source": "synthetic", "seed": seed, "interactions": interactions, "params": params.__dict__},
+        item_counts=write_item_counts(fs, path, writers["train"].item_counts, "train"),
     )
     write_manifest(fs, path, manifest)
     return manifest

@@ -16,6 +16,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .manifest import SEQUENCE_SCHEMA, ShardInfo, SplitInfo
@@ -125,10 +126,16 @@ class ShardWriter:
 
 
 class SplitWriter:
-    """The ``num_shards`` shards of one split; rows arrive with non-decreasing shard indices."""
+    """The ``num_shards`` shards of one split; rows arrive with non-decreasing shard indices.
+
+    Also records what the trainer needs without reading the shards back: the histogram of
+    sequence lengths (``SplitInfo.length_histogram``) and, with ``num_items`` given, the
+    occurrences of every item id (``item_counts``, (num_items,) int64).
+    """
 
     def __init__(
-        self, fs: fsspec.AbstractFileSystem, root: str, split: str, num_shards: int, row_group_size: int
+        self, fs: fsspec.AbstractFileSystem, root: str, split: str, num_shards: int, row_group_size: int,
+        num_items: int | None = None,
     ) -> None:
         self.fs, self.root, self.split = fs, root, split
         self.num_shards = num_shards
@@ -136,6 +143,8 @@ class SplitWriter:
         self._current: ShardWriter | None = None
         self._index = -1
         self._done: list[ShardInfo] = []
+        self._lengths: dict[int, int] = {}
+        self.item_counts = None if num_items is None else np.zeros(num_items, dtype=np.int64)
 
     def _advance_to(self, index: int) -> None:
         if index < self._index:
@@ -153,6 +162,13 @@ class SplitWriter:
         """Append rows; ``shard[i]`` is row i's shard index (non-decreasing)."""
         if table.num_rows == 0:
             return
+        column = table.column("item_ids")
+        lengths, counts = np.unique(pc.list_value_length(column).to_numpy(zero_copy_only=False), return_counts=True)
+        for n, c in zip(lengths.tolist(), counts.tolist()):
+            self._lengths[n] = self._lengths.get(n, 0) + c
+        if self.item_counts is not None:
+            values = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+            self.item_counts += np.bincount(values, minlength=len(self.item_counts))[: len(self.item_counts)]
         shard = np.asarray(shard)
         cuts = np.flatnonzero(np.diff(shard)) + 1
         starts = np.concatenate([[0], cuts])
@@ -165,7 +181,28 @@ class SplitWriter:
         self._advance_to(self.num_shards - 1)
         self._done.append(self._current.close())
         self._current = None
-        return SplitInfo(rows=sum(s.rows for s in self._done), shards=self._done)
+        lengths = sorted(self._lengths)
+        histogram = {"length": lengths, "count": [self._lengths[n] for n in lengths]}
+        return SplitInfo(rows=sum(s.rows for s in self._done), shards=self._done, length_histogram=histogram)
+
+
+ITEM_COUNTS_PATH = "stats/item_counts.parquet"
+
+
+def write_item_counts(fs: fsspec.AbstractFileSystem, root: str, counts: np.ndarray, split: str) -> dict[str, Any]:
+    """Write ``counts`` ((num_items,) int64, index = item id) beside the shards; returns the
+    manifest's ``item_counts`` entry (path, split, sha256, bytes, total)."""
+    full = posixpath.join(root, ITEM_COUNTS_PATH)
+    fs.makedirs(posixpath.dirname(full), exist_ok=True)
+    out = _HashingFile(fs.open(full, "wb"))
+    try:
+        # Delta encoding would not help (counts are unordered); zstd shrinks the long tail of 0s and 1s.
+        pq.write_table(pa.table({"count": pa.array(np.asarray(counts, dtype=np.int64))}), out,
+                       compression=PARQUET_COMPRESSION, use_dictionary=False)
+    finally:
+        out.close()
+    return {"path": ITEM_COUNTS_PATH, "split": split, "sha256": out.hexdigest(), "bytes": out.size,
+            "total": int(np.asarray(counts).sum())}
 
 
 def sequence_table(

@@ -212,7 +212,8 @@ class TrainLoop:
                 raise CheckpointError(f"initial weights do not fit the model of stage {self.stage}: {first}") from None
         if world.ctx is None:
             model = model.to(world.device)
-        objective = RecommenderLoss(model, job.loss)
+        data_for_proposal = None if self.options.data_source == "synthetic" else job.data
+        objective = RecommenderLoss.for_data(model, job.loss, data_for_proposal)
         optimizer = build_optimizer(model, job.optim)
         self.train_loader = self._build_loader()
         if self.options.data_source == "synthetic":

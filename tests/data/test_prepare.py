@@ -15,6 +15,7 @@ from stackrec_dist.config import PrepareConfig
 from stackrec_dist.data.errors import BadRowError, ManifestError
 from stackrec_dist.data.manifest import SEQUENCE_SCHEMA, read_manifest
 from stackrec_dist.data.prepare import prepare_dataset, read_id_map
+from stackrec_dist.data import prepare as prepare_module
 from stackrec_dist.data.storage import open_fs
 from stackrec_dist.data.synthetic import SyntheticParams, generate_interactions
 
@@ -160,7 +161,7 @@ def synthetic_log(tmp_path_factory):
     return str(path)
 
 
-def test_deterministic_bytes_and_independent_of_partitions(synthetic_log, tmp_path):
+def test_deterministic_bytes_and_independent_of_partitions(synthetic_log, tmp_path, monkeypatch):
     def run(name, **kw):
         out = tmp_path / name
         cfg = PrepareConfig(source=synthetic_log, output=str(out), num_shards=3, row_group_size=100, time_slices=2)
@@ -177,8 +178,13 @@ def test_deterministic_bytes_and_independent_of_partitions(synthetic_log, tmp_pa
     assert (r1.spill_buckets, r1.partitions, r3.spill_buckets) == (1, 1, 64)
     assert r4.partitions > 1 and r5.partitions > 1 and r4.spill_buckets != r5.spill_buckets
     assert r1.users_dropped > 0  # min_length=1 in the generator: some users are too short
-    assert d1 == d2 == d3 == d4 == d5
-    assert len(d1) == 3 + 3 * 5  # manifest, 2 id maps, 3 shards x 5 splits
+    # The id vocabularies' external sort in many partitions (users and items) changes nothing either.
+    monkeypatch.setattr(prepare_module, "NAME_BYTES", 10**6)
+    r6, d6 = run("f", num_buckets=16, cfg={"memory_limit_mb": 1})
+    assert r1.extra["id_sort_partitions"] == {"users": 1, "items": 1}
+    assert r6.extra["id_sort_partitions"]["users"] > 8 and r6.extra["id_sort_partitions"]["items"] > 8
+    assert d1 == d2 == d3 == d4 == d5 == d6
+    assert len(d1) == 4 + 3 * 5  # manifest, 2 id maps, item counts, 3 shards x 5 splits
     # Exact row groups: every shard but the last row group holds row_group_size rows.
     fs, root = open_fs(str(tmp_path / "a"))
     m = read_manifest(fs, root)
@@ -235,7 +241,7 @@ def test_rerun_replaces_previous_output(mem_root):
     prepare_dataset(PrepareConfig(source=src, output=out, num_shards=1))
     fs, root = open_fs(out)
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) == [
-        "id_maps", "manifest.json", "test", "train", "valid",
+        "id_maps", "manifest.json", "stats", "test", "train", "valid",
     ]
     assert len(fs.ls(f"{root}/train")) == 1
 
@@ -433,3 +439,64 @@ def test_bad_target_user_fraction_is_rejected(bad, tmp_path):
                                       user_subset="target"))
     with pytest.raises(ConfigError, match=r"prepare\.user_subset must be one of"):
         config_from_dict({"prepare": {"user_subset": "both"}})
+
+
+VOCAB_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np, pyarrow as pa, pyarrow.parquet as pq
+    from stackrec_dist.config import PrepareConfig
+    from stackrec_dist.data.prepare import prepare_dataset
+
+    def kb(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1])
+
+    out, users, limit = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    warm = pa.table({"user": ["a", "a", "a"], "item": ["1", "2", "3"], "timestamp": [1, 2, 3]})
+    pq.write_table(warm, out + "-warm.parquet")
+    prepare_dataset(PrepareConfig(source=out + "-warm.parquet", output=out + "-warm", memory_limit_mb=limit))
+    # Every user and (almost) every item distinct: 3 interactions per user, string user ids, big
+    # integer item ids. Written in slices so the log itself is never held whole.
+    rng = np.random.default_rng(0)
+    with pq.ParquetWriter(out + ".parquet", pa.schema([("user", pa.string()), ("item", pa.string()),
+                                                       ("timestamp", pa.int64())])) as w:
+        for start in range(0, users, 50_000):
+            n = min(50_000, users - start)
+            u = np.repeat(np.arange(start, start + n), 3)
+            w.write_table(pa.table({
+                "user": pa.array([f"user-{k:09d}" for k in u.tolist()]),
+                "item": pa.array([str(x) for x in rng.integers(10**12, 10**13, 3 * n).tolist()]),
+                "timestamp": pa.array(np.tile(np.arange(3), n)),
+            }))
+    base = kb("VmRSS")
+    r = prepare_dataset(PrepareConfig(source=out + ".parquet", output=out, memory_limit_mb=limit, num_shards=2))
+    print(json.dumps({"growth_mb": (kb("VmHWM") - base) / 1024, "users": r.num_users, "items": r.num_items,
+                      "id_sort_partitions": r.extra["id_sort_partitions"]}))
+    """
+)
+
+
+def test_memory_bound_with_many_distinct_ids(tmp_path):
+    """The id vocabularies stay on disk: 4x the distinct ids, the same resident memory."""
+
+    def run(users):
+        proc = subprocess.run(
+            [sys.executable, "-c", VOCAB_SCRIPT, str(tmp_path / f"out-{users}"), str(users), "16"],
+            capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    small, big = run(60_000), run(240_000)
+    assert big["users"] == 240_000 and big["items"] > 700_000
+    assert big["id_sort_partitions"]["users"] > 4 and big["id_sort_partitions"]["items"] > 4
+    # In memory, 480k more distinct ids cost ~170 bytes each as Python strings in a dict: ~80 MB.
+    assert big["growth_mb"] - small["growth_mb"] < 20, (small, big)
+    assert big["growth_mb"] < 16 + MEMORY_OVERHEAD_MB, big
+    # Ids follow sorted original-id order: string order for users, numeric for the items.
+    users = read_id_map(str(tmp_path / "out-60000"), "users")
+    assert list(users) == sorted(users) and list(users.values()) == list(range(60_000))
+    items = read_id_map(str(tmp_path / "out-60000"), "items")
+    assert [int(k) for k in items] == sorted(int(k) for k in items)
