@@ -143,12 +143,12 @@ def main(argv=None) -> None:
         f"(`python benchmarks/throughput_distributed.py`). Shared machine: load average {load_before:.1f} "
         f"before / {load_after:.1f} after (other jobs running), so compare rows of the same table only.",
         "",
-        f"DeepSpeed overhead, one process, {args.threads} threads, the bare trainer step and the worker's "
+        f"DeepSpeed overhead, one process, {args.threads} threads, the plain-engine loop step and the DeepSpeed engine's "
         f"DeepSpeed step interleaved step by step on the same batches ({args.steps} steps each):",
         "",
         "| step | ms / step | sequences / s | vs bare |",
         "|---|---|---|---|",
-        f"| bare PyTorch (single-process trainer `train_step`) | {bare * 1e3:.1f} | {args.batch / bare:.0f} | 1.000x |",
+        f"| bare PyTorch (the loop's plain engine, `TrainLoop.train_step`) | {bare * 1e3:.1f} | {args.batch / bare:.0f} | 1.000x |",
     ]
     for stage in (0, 2):
         t = inproc[f"zero{stage}"]

@@ -70,6 +70,7 @@ def safe_torch_load(path: "str | os.PathLike[str]", map_location: Any = "cpu") -
     own text for a refused pickle (which suggests ``weights_only=False``) is never shown: such a
     file is never loaded. The original exception is chained (visible under ``--debug``).
     """
+    import errno
     import pickle
     import zipfile
 
@@ -91,14 +92,15 @@ def safe_torch_load(path: "str | os.PathLike[str]", map_location: Any = "cpu") -
                 "not plain tensors and numbers; it is not a stackrec checkpoint or was tampered with"
             ) from err
         raise CheckpointError(f"{shown}: corrupt checkpoint file ({_first_line(text, skip_torch_advice=True)})") from err
-    except (EOFError, RuntimeError, ValueError, zipfile.BadZipFile) as err:
+    except PermissionError as err:
+        raise CheckpointError(f"{shown}: cannot read the checkpoint file: permission denied") from err
+    except (EOFError, RuntimeError, ValueError, zipfile.BadZipFile, OSError) as err:
+        # torch's zip reader reports a file cut short as EINVAL, an OSError like real I/O failures.
+        if isinstance(err, OSError) and err.errno not in (None, errno.EINVAL):
+            raise CheckpointError(f"{shown}: cannot read the checkpoint file: {err.strerror or err}") from err
         size = os.path.getsize(shown)
         what = "empty" if size == 0 else "truncated or corrupt"
         raise CheckpointError(f"{shown}: {what} checkpoint file ({size} bytes): {_first_line(str(err)) or type(err).__name__}") from err
-    except PermissionError as err:
-        raise CheckpointError(f"{shown}: cannot read the checkpoint file: permission denied") from err
-    except OSError as err:
-        raise CheckpointError(f"{shown}: cannot read the checkpoint file: {err.strerror or err}") from err
 
 
 def _first_line(text: str, skip_torch_advice: bool = False) -> str:

@@ -90,12 +90,9 @@ def checkpoint(tmp_path, corpus_source) -> Path:
 
     from stackrec_dist.config import ModelConfig
     from stackrec_dist.models import build_model
-    from stackrec_dist.train.checkpoint import model_config_to_state, save_checkpoint
+    from stackrec_dist.train.checkpoint import save_model_checkpoint
 
     num_items = json.loads((corpus_source / "manifest.json").read_text())["num_items"]
     cfg = ModelConfig(dim=8, num_blocks=1, dilations=[1], num_items=num_items)
     model = build_model(cfg)
-    return save_checkpoint(tmp_path / "model-ckpt", {
-        "model": model.state_dict(),
-        "train_state": {"step": 0, "model_config": model_config_to_state(cfg)},
-    })
+    return save_model_checkpoint(tmp_path / "model-ckpt", model.state_dict(), cfg)

@@ -58,7 +58,7 @@ def test_safe_torch_load_one_line_naming_the_file(tmp_path, make, text):
 def test_missing_checkpoint_through_evaluate(tmp_path, corpus_source):
     res = run_cli("evaluate", "--config", str(write_job(tmp_path, corpus_source)),
                   "--checkpoint", str(tmp_path / "nope"), tmp_path=tmp_path)
-    assert_one_line(res, CHECKPOINT, "checkpoint", str(tmp_path / "nope"), "not a complete checkpoint")
+    assert_one_line(res, CHECKPOINT, "checkpoint", str(tmp_path / "nope"), "does not exist")
 
 
 def test_truncated_checkpoint_through_evaluate(tmp_path, corpus_source, checkpoint):

@@ -213,7 +213,7 @@ def test_rayjob_runs_stackrec_train_and_cleans_up():
     from stackrec_dist.config import load_config
 
     cfg = load_config(REPO / config, overrides)
-    assert cfg.distributed.use_gpu is True
+    assert cfg.train.device == "cuda"
     workers = load("rayjob.yaml")["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
                for g in workers)

@@ -10,7 +10,8 @@ from stackrec_dist.losses import full_softmax_loss
 from stackrec_dist.models import build_model
 from stackrec_dist.train.data_info import dataset_num_items, item_counts
 from stackrec_dist.train.step import RecommenderLoss
-from stackrec_dist.train.trainer import Trainer
+from stackrec_dist.train.device import DeviceChoice
+from stackrec_dist.train.loop import TrainLoop, World
 
 UNIGRAM = {"kind": "sampled", "sampler": "unigram", "num_samples": 16}
 
@@ -42,6 +43,10 @@ def test_unigram_without_counts_fails_at_construction():
         RecommenderLoss.for_data(model, LossConfig(**UNIGRAM), None)
 
 
+def _loop(cfg) -> TrainLoop:
+    return TrainLoop(cfg, World(DeviceChoice("cpu")))
+
+
 def test_unigram_sampled_softmax_trains(tiny_dataset, tmp_path):
     cfg = config_from_dict({
         "data": {"path": str(tiny_dataset), "max_len": 20, "batch_size": 32, "shuffle_buffer": 128},
@@ -52,18 +57,18 @@ def test_unigram_sampled_softmax_trains(tiny_dataset, tmp_path):
                   "max_steps": 60, "eval_every": 1000},
         "eval": {"batch_size": 128},
     })
-    trainer = Trainer(cfg)
-    assert trainer.objective.log_q is not None
-    batch = next(iter(trainer.train_loader))
+    loop = _loop(cfg)
+    assert loop.engine.module.log_q is not None
+    batch = next(iter(loop.train_loader))
 
     def full_loss() -> float:
         with torch.no_grad():
-            hidden = trainer.model(batch["inputs"])
-            return full_softmax_loss(hidden, batch["targets"], trainer.model.head.weight,
-                                     trainer.model.head.bias).item()
+            hidden = loop.model(batch["inputs"])
+            return full_softmax_loss(hidden, batch["targets"], loop.model.head.weight,
+                                     loop.model.head.bias).item()
 
     before = full_loss()
-    trainer.fit()
+    loop.fit()
     assert full_loss() < before - 0.15  # chance is log(59) = 4.08
 
 
@@ -78,11 +83,11 @@ def test_step_times_probe_is_opt_in(tiny_dataset, tmp_path, monkeypatch):
                   "eval_every": 1000},
     })
     probe = tmp_path / "steps.jsonl"
-    Trainer(cfg).fit()
+    _loop(cfg).fit()
     assert not probe.exists()
     monkeypatch.setenv(step_module.STEP_TIMES_ENV, str(probe))
     try:
-        Trainer(cfg).fit()
+        _loop(cfg).fit()
     finally:
         step_module.remove_step_probe()
     lines = [json.loads(x) for x in probe.read_text().splitlines()]
