@@ -15,8 +15,8 @@ Event files go to ``<tracking.dir>/<run_name>/`` (TensorBoard's one-dir-per-run 
 re-uploading them is cheap, and a crash loses at most what came after the last flush.
 
 MLflow is an optional extra (``pip install mlflow`` or ``stackrec-dist[mlflow]``), imported only
-when ``tracking.mlflow_uri`` is set; its metric names may not contain ``@`` (``valid/ndcg@5``), so names are sanitised for it
-(``valid/ndcg_at_5``) while TensorBoard keeps the original tags.
+when ``tracking.mlflow_uri`` is set; its metric names may not contain ``@`` (``valid/ndcg@5``), so
+names are sanitised for it (``valid/ndcg_at_5``) while TensorBoard keeps the original tags.
 
 A disabled tracker (other ranks, or nothing configured) accepts every call and does nothing.
 """
@@ -158,7 +158,8 @@ class RunTracker:
         try:
             if cfg.tensorboard:
                 if not cfg.dir:
-                    raise ConfigError("tracking.dir is empty: pass cfg.tracking.with_default_dir(cfg.train.checkpoint_dir)")
+                    raise ConfigError("tracking.dir is empty: pass "
+                                      "cfg.tracking.with_default_dir(cfg.train.checkpoint_dir)")
                 sinks.append(_TensorBoardSink(cfg.dir, run_name, cfg.storage_options))
             if cfg.mlflow_uri:
                 sinks.append(_MlflowSink(cfg.mlflow_uri, cfg.mlflow_experiment, run_name))
