@@ -63,7 +63,7 @@ class _TensorBoardSink:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:  # torch's module needs the tensorboard package
-            raise ImportError("tracking.tensorboard needs the tensorboard package (pip install tensorboard), "
+            raise ConfigError("tracking.tensorboard needs the tensorboard package (pip install tensorboard), "
                               "or set tracking.tensorboard=false") from exc
         self.fs, base = open_fs(root, storage_options)
         self.remote_dir = None if is_local(self.fs) else f"{base}/{run_name}"
@@ -113,7 +113,7 @@ class _MlflowSink:
             from mlflow.entities import Metric
             from mlflow.tracking import MlflowClient
         except ImportError as exc:
-            raise ImportError(f"tracking.mlflow_uri={uri!r} needs MLflow, an optional extra: pip install mlflow "
+            raise ConfigError(f"tracking.mlflow_uri={uri!r} needs MLflow, an optional extra: pip install mlflow "
                               "(or 'stackrec-dist[mlflow]'), or leave tracking.mlflow_uri empty") from exc
         self._metric = Metric
         self.client = MlflowClient(tracking_uri=uri)
@@ -148,8 +148,8 @@ class RunTracker:
         """Open the configured sinks when ``enabled`` (rank 0); otherwise a no-op tracker.
 
         ``cfg.dir`` must be resolved (``cfg.with_default_dir(train.checkpoint_dir)``) when
-        TensorBoard is on. Raises ``ImportError`` naming the package when a configured sink's
-        package is missing, ``ConfigError`` for an empty dir or run name."""
+        TensorBoard is on. Raises ``ConfigError`` (the CLI's "config error", exit 2) for an empty
+        dir or run name, and naming the package when a configured sink's package is missing."""
         if not enabled or not (cfg.tensorboard or cfg.mlflow_uri):
             return cls([])
         if not run_name or "/" in run_name:

@@ -83,7 +83,8 @@ def make_case(b, seq, c, pads, dtype=torch.float32, with_mask=True, with_alpha=T
 
 def run_with_grads(fn, x, mask, params, alpha, dilation, seed=1):
     y = fn(x, mask, *params, alpha, dilation)
-    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)
+    # Drawn on the CPU (same values on every device), then moved to y: autograd wants them together.
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(device=y.device, dtype=y.dtype)
     inputs = [x, *params] + ([alpha] if alpha is not None else [])
     grads = torch.autograd.grad(y, inputs, gy)
     return y, grads

@@ -93,10 +93,13 @@ def test_tracking_config_from_yaml_and_overrides(tmp_path):
     assert TrackingConfig(dir="x").with_default_dir("y").dir == "x"
 
 
-def test_mlflow_missing_is_a_clear_error(tmp_path, monkeypatch):
+def test_missing_packages_are_config_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow -> ImportError, installed or not
-    with pytest.raises(ImportError, match="pip install mlflow"):
+    with pytest.raises(ConfigError, match="pip install mlflow"):
         RunTracker.create(TrackingConfig(tensorboard=False, mlflow_uri=str(tmp_path / "mlruns")), "r", enabled=True)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
+        RunTracker.create(TrackingConfig(dir=str(tmp_path)), "r", enabled=True)
 
 
 def test_mlflow_sink_through_its_client_api(tmp_path, monkeypatch):
