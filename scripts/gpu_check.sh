@@ -27,7 +27,9 @@
 #
 # Env: GPU_CHECK_DRY_RUN=1 (= --cpu-dry-run), GPU_CHECK_DIR (log root, default runs/gpu_check),
 # GPU_CHECK_DOC (doc to write, default docs/benchmarks.md; a temp copy in a dry run),
-# PYTHON / STACKREC (default: the .venv's), GPU_CHECK_SKIP (space-separated step names to skip).
+# PYTHON / STACKREC (default: the .venv's), GPU_CHECK_SKIP (space-separated step names to skip),
+# GPU_CHECK_NO_SETUP=1 (an existing environment, no network: no scripts/setup_env.sh, and the
+# quickstart step runs `$STACKREC quickstart`, what scripts/quickstart.sh runs after its setup).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCRIPT="$PWD/scripts/gpu_check.sh"
@@ -62,7 +64,8 @@ if [ -z "$STEP_FN" ]; then
   TEE_PID=$!
   # At exit, let tee write the last lines before the script's status is seen.
   trap 'exec >&- 2>&-; wait "$TEE_PID" 2> /dev/null || true' EXIT
-  if [ "$DRY_RUN" = 0 ] && [ -z "${PYTHON:-}" ] && [ ! -x .venv/bin/python ]; then
+  if [ "$DRY_RUN" = 0 ] && [ "${GPU_CHECK_NO_SETUP:-0}" != 1 ] && [ -z "${PYTHON:-}" ] \
+    && [ ! -x .venv/bin/python ]; then
     echo "gpu_check: no .venv yet: bash scripts/setup_env.sh"
     bash scripts/setup_env.sh
   fi
@@ -180,8 +183,10 @@ checked_run() {
 }
 
 quickstart() {
+  local cmd=(bash scripts/quickstart.sh)
+  if [ "${GPU_CHECK_NO_SETUP:-0}" = 1 ]; then cmd=("${STACKREC_CMD[@]}" quickstart); fi
   rm -rf "$RUN/quickstart"
-  checked_run quickstart "$RUN/quickstart" bash scripts/quickstart.sh --set train.device=cuda \
+  checked_run quickstart "$RUN/quickstart" "${cmd[@]}" --set train.device=cuda \
     --set "train.checkpoint_dir=$RUN/quickstart" --set "distributed.storage_path=$RUN/quickstart/ray"
 }
 
