@@ -346,6 +346,27 @@ class DistributedConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking of rank 0 (stackrec_dist.train.tracking): TensorBoard, optionally MLflow."""
+
+    tensorboard: bool = _doc("Write TensorBoard event files (scalars, stage names).", default=True)
+    dir: str = _doc(
+        "TensorBoard log dir, local or s3:// ('' = <train.checkpoint_dir>/tensorboard); one sub-dir per run.",
+        default="",
+    )
+    storage_options: dict[str, Any] = _doc(
+        "fsspec options for an s3:// dir (endpoint_url, key, secret); '' endpoint = $AWS_ENDPOINT_URL.",
+        default_factory=dict,
+    )
+    mlflow_uri: str = _doc("MLflow tracking URI ('' = no MLflow); needs `pip install mlflow`.", default="")
+    mlflow_experiment: str = _doc("MLflow experiment name.", default="stackrec")
+
+    def with_default_dir(self, checkpoint_dir: str) -> "TrackingConfig":
+        """This config with ``dir`` resolved: ``<checkpoint_dir>/tensorboard`` when empty."""
+        return self if self.dir else dataclasses.replace(self, dir=f"{str(checkpoint_dir).rstrip('/')}/tensorboard")
+
+
+@dataclass
 class StageConfig:
     """One stage of a growth plan (see stackrec_dist.scenarios)."""
 
@@ -375,6 +396,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     growth: GrowthConfig = field(default_factory=GrowthConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     plan: list[StageConfig] = _doc("Stages of a growth scenario (empty: a single train stage).", default_factory=list)
 
     def validate(self) -> None:

@@ -48,7 +48,7 @@ def test_triton_interpreter_suite():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", str(Path(__file__).relative_to(REPO)), "-q", "-p", "no:cacheprovider",
-         "-k", "triton and not interpreter_suite and not compiled_on_gpu"],
+         "-k", "triton and not interpreter_suite"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, tail
@@ -83,7 +83,8 @@ def make_case(b, seq, c, pads, dtype=torch.float32, with_mask=True, with_alpha=T
 
 def run_with_grads(fn, x, mask, params, alpha, dilation, seed=1):
     y = fn(x, mask, *params, alpha, dilation)
-    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)
+    # Drawn on the CPU (same values on every device), then moved to y: autograd wants them together.
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(device=y.device, dtype=y.dtype)
     inputs = [x, *params] + ([alpha] if alpha is not None else [])
     grads = torch.autograd.grad(y, inputs, gy)
     return y, grads
@@ -228,26 +229,6 @@ def test_import_has_no_triton_or_cuda_side_effects():
             "assert not torch.cuda.is_initialized(), 'CUDA initialised'\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA and triton")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_compiled_on_gpu(dtype):
-    from stackrec_dist.kernels.triton_block import residual_block_triton
-
-    x, mask, params, alpha = make_case(8, 50, 64, list(range(8)), dtype=dtype)
-    to = lambda t: t.detach().cuda().requires_grad_()  # noqa: E731
-    case = (to(x), mask.cuda(), [to(p) for p in params], to(alpha))
-    y, grads = run_with_grads(residual_block_triton, *case, 2)
-    up = lambda t: t.detach().float().requires_grad_()  # noqa: E731
-    y_32, grads_32 = run_with_grads(residual_block_reference, up(case[0]), case[1], [up(p) for p in case[2]],
-                                    up(case[3]), 2)
-    # bf16: interpreter runs of the same kernels stay within ~2.5e-2 of fp32 on every gradient.
-    tol_y, tol_g = (1e-4, 1e-3) if dtype == torch.float32 else (3e-2, 1e-1)
-    assert _scaled_err(y, y_32) <= tol_y
-    for name, g, g_32 in zip(GRAD_NAMES, grads, grads_32):
-        assert _scaled_err(g, g_32) <= tol_g, name
 
 
 @needs_triton
