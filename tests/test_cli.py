@@ -41,6 +41,16 @@ def test_ts_plan_and_report(tmp_path, tiny_dataset, capsys):
                  "--set", f"train.checkpoint_dir={tmp_path / 'stacked'}"]) == 0
     stacked = _result(capsys)
     assert stacked["final_blocks"] == 4 and stacked["steps"] == 16
+    assert stacked["device"] == "cpu" and stacked["precision"] == "fp32"
+    # TensorBoard: one step axis for the plan, the depth change, the stage names and the growth pause.
+    from tests.train.test_tracking import read_events
+
+    runs = [p.parent for p in (tmp_path / "stacked" / "tensorboard").rglob("events.out.tfevents.*")]
+    scalars, texts = read_events(runs[0])
+    assert [s for s, _ in scalars["valid/ndcg@5"]] == [4, 8, 12, 16]
+    assert scalars["model/depth"] == [(0, 2.0), (8, 4.0)]
+    assert [t for _, t in texts["stage/text_summary"]] == ["train-2", "train-4"]
+    assert len(scalars["growth/pause_s"]) == 1 and 0 < scalars["growth/pause_s"][0][1] < 30
     scratch_plan = "plan=[{name: train-4, action: train, max_steps: 16}]"
     assert main(["train", *common, "--set", scratch_plan, "--set", "model.num_blocks=4", "--set",
                  "train.eval_every=4", "--set", f"train.checkpoint_dir={tmp_path / 'scratch'}"]) == 0

@@ -102,6 +102,8 @@ class SegmentStart:
     model_cfg: ModelConfig
     weights: dict[str, torch.Tensor] | None = None
     parent: str = ""  # the recorded output the weights come from
+    step_offset: int = 0  # optimizer steps of the train stages before it
+    last_step_end_t: float = 0.0  # wall-clock of the last optimizer step before it (growth pauses)
 
 
 @dataclass
@@ -115,12 +117,12 @@ class StageResult:
 
 
 def train_stage(job: JobConfig, world, init_state, stage: str, run_id: str, sink, options=None, progress=None,
-                tracker=None) -> StageResult:
+                tracker=None, step_offset: int = 0) -> StageResult:
     """Train one stage with the one training loop."""
     from stackrec_dist.train.loop import TrainLoop
 
     loop = TrainLoop(job, world, init_state, options, sink=sink, stage=stage, run_id=run_id, progress=progress,
-                     tracker=tracker)
+                     tracker=tracker, step_offset=step_offset)
     try:
         summary = loop.fit()
         final = loop.full_model_state()
@@ -139,6 +141,7 @@ def run_segment(cfg: JobConfig, start: SegmentStart, world, run_dir: Path, run_i
                 options=None, progress=None, tracker=None) -> None:
     """Run the segment's stages in this worker group, growing in place between them."""
     weights, model_cfg, parent = start.weights, start.model_cfg, start.parent
+    step_offset, last_step_end_t = start.step_offset, start.last_step_end_t
     seed = cfg.train.seed
     mark = time.time()  # the wall-clock of each stage includes the pause before it
     for position in start.positions:
@@ -148,10 +151,17 @@ def run_segment(cfg: JobConfig, start: SegmentStart, world, run_dir: Path, run_i
         if stage.action == "train":
             job = stage_job_config(cfg, stage, model_cfg, stage_dir)
             result = stage_trainer(job, world, weights, stage.name, run_id, sink_for(job, stage.name),
-                                   options=options, progress=progress, tracker=tracker)
+                                   options=options, progress=progress, tracker=tracker, step_offset=step_offset)
             maybe_crash("after_train", stage.name)
             weights = result.final_state
-            metrics = {**result.summary, "data_path": job.data.path, "num_items": model_cfg.num_items}
+            metrics = {**result.summary, "data_path": job.data.path, "num_items": model_cfg.num_items,
+                       "device": world.choice.kind, "precision": "bf16" if world.choice.use_gpu else "fp32",
+                       "world_size": world.world_size}
+            first = result.summary.get("first_step_start_t", 0.0)
+            if tracker is not None and last_step_end_t and first:
+                tracker.log_scalars(step_offset + 1, {"growth/pause_s": first - last_step_end_t})
+            step_offset += int(result.summary.get("steps", 0))
+            last_step_end_t = result.summary.get("last_step_end_t", 0.0) or last_step_end_t
             output, best, wait = stage_dir / "final", result.best_state, True
         elif stage.action == "grow":
             maybe_crash("snapshot", stage.name)
@@ -198,7 +208,10 @@ def resume_point(cfg: JobConfig, ledger: PlanLedger, segment: list[int]) -> Segm
 
     previous = done[cfg.plan[todo[0] - 1].name]
     checkpoint = open_checkpoint(previous.output)
-    return SegmentStart(todo, checkpoint.model_config, checkpoint.model_state(), previous.output)
+    trained = [r for r in ledger.state.done if r.action == "train"]
+    return SegmentStart(todo, checkpoint.model_config, checkpoint.model_state(), previous.output,
+                        step_offset=sum(int(r.metrics.get("steps", 0)) for r in trained),
+                        last_step_end_t=float(trained[-1].metrics.get("last_step_end_t", 0.0)) if trained else 0.0)
 
 
 class Coordinator:
@@ -230,15 +243,19 @@ class Coordinator:
 
     def _run_local(self, start: SegmentStart, ledger: PlanLedger) -> None:
         from stackrec_dist.train.device import resolve_device
-        from stackrec_dist.train.loop import LocalSink, World
+        from stackrec_dist.train.loop import LocalSink, World, open_tracker
 
-        world = World(resolve_device(self.cfg.train.device))
+        choice = resolve_device(self.cfg.train.device)
+        print(f"stackrec: {self.cfg.name}: {choice.describe()}", flush=True)
+        world = World(choice)
 
         def record(rec, weights, model_cfg, info, best, wait):
             ledger.record(rec, weights, model_cfg, info, best)
 
-        run_segment(self.cfg, start, world, self.run_dir, ledger.run_id, record,
-                    lambda job, stage: LocalSink(job.train.checkpoint_dir, resume=True), self.stage_trainer)
+        with open_tracker(self.cfg, world.rank) as tracker:
+            run_segment(self.cfg, start, world, self.run_dir, ledger.run_id, record,
+                        lambda job, stage: LocalSink(job.train.checkpoint_dir, resume=True), self.stage_trainer,
+                        tracker=tracker)
 
     @staticmethod
     def _account_startup(ledger: PlanLedger, before: int, segment_s: float) -> None:

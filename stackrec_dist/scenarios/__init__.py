@@ -101,4 +101,6 @@ def run_plan(cfg: JobConfig, run_dir: str | Path | None = None) -> dict[str, Any
     }
     write_json_atomic(run_dir / SUMMARY, summary)
     return {"wall_s": summary["wall_s"], "train_s": summary["train_s"], "steps": summary["steps"],
-            "final_blocks": final_train.blocks, **{f"test/{k}": v for k, v in test.items()}}
+            "final_blocks": final_train.blocks, "device": final_train.metrics.get("device", ""),
+            "precision": final_train.metrics.get("precision", ""),
+            **{f"test/{k}": v for k, v in test.items()}}

@@ -40,16 +40,19 @@ def train_job(cfg: JobConfig, init: str = "", resume: bool = False) -> tuple[dic
 
 def _train_here(cfg: JobConfig, init_state, resume: bool):
     from stackrec_dist.train.device import resolve_device
-    from stackrec_dist.train.loop import LocalSink, TrainLoop, World
+    from stackrec_dist.train.loop import LocalSink, TrainLoop, World, open_tracker
 
     choice = resolve_device(cfg.train.device)
-    print(f"stackrec: {choice.describe()}", flush=True)
-    loop = TrainLoop(cfg, World(choice), init_state, sink=LocalSink(cfg.train.checkpoint_dir, resume=resume))
-    try:
-        summary = loop.fit()
-        test = loop.validate("test", loop.best_model())
-    finally:
-        loop.close()
+    print(f"stackrec: {cfg.name}: {choice.describe()}", flush=True)
+    with open_tracker(cfg, 0) as tracker:
+        loop = TrainLoop(cfg, World(choice), init_state, sink=LocalSink(cfg.train.checkpoint_dir, resume=resume),
+                         tracker=tracker)
+        try:
+            summary = loop.fit()
+            test = loop.validate("test", loop.best_model())
+        finally:
+            loop.close()
+    summary = {**summary, "device": choice.name, "precision": "bf16" if choice.use_gpu else "fp32"}
     return summary, test, f"{cfg.model.backbone}-{loop.model_cfg.num_blocks}"
 
 
@@ -74,4 +77,6 @@ def _train_on_ray(cfg: JobConfig, init_state):
     summary = {k: v for k, v in (result.metrics or {}).items() if k in keys}
     summary.setdefault("steps", checkpoint.step)
     summary["checkpoint"] = str(last)
+    kind = checkpoint.train_state.get("device", "")
+    summary.update({"device": kind, "precision": "bf16" if kind == "cuda" else "fp32"})
     return summary, test, f"{cfg.model.backbone}-{model.cfg.num_blocks}"

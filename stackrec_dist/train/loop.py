@@ -169,6 +169,16 @@ class LocalSink:
 # ---------------------------------------------------------------------------------------------
 
 
+def open_tracker(job: JobConfig, rank: int, run_name: str = ""):
+    """Rank 0's experiment tracker (TensorBoard under ``<train.checkpoint_dir>/tensorboard`` unless
+    ``tracking.dir`` says otherwise; MLflow when configured); a no-op on other ranks."""
+    from stackrec_dist.train.tracking import RunTracker
+
+    cfg = job.tracking.with_default_dir(str(Path(job.train.checkpoint_dir).resolve())
+                                        if "://" not in job.train.checkpoint_dir else job.train.checkpoint_dir)
+    return RunTracker.create(cfg, run_name=(run_name or job.name).replace("/", "-"), enabled=rank == 0)
+
+
 def _progress_factory() -> Callable[..., Any]:
     from tqdm.auto import tqdm
 
@@ -180,7 +190,8 @@ class TrainLoop:
 
     def __init__(self, job: JobConfig, world: World, init_state: dict[str, torch.Tensor] | None = None,
                  options: LoopOptions | None = None, sink: CheckpointSink | None = None, stage: str = "",
-                 run_id: str = "", progress: Callable[..., Any] | None = None, tracker: Any = None):
+                 run_id: str = "", progress: Callable[..., Any] | None = None, tracker: Any = None,
+                 step_offset: int = 0):
         from stackrec_dist.models import build_model
         from stackrec_dist.train.engine import build_engine
         from stackrec_dist.train.optim import build_optimizer
@@ -193,6 +204,7 @@ class TrainLoop:
         self.stage, self.run_id = stage or job.name, run_id
         self.progress = progress or _progress_factory()
         self.tracker = tracker
+        self.step_offset = step_offset  # steps of earlier stages: one step axis for the whole plan
         torch.manual_seed(job.train.seed)
         if job.train.threads > 0 and not world.choice.use_gpu:
             torch.set_num_threads(job.train.threads)
@@ -287,6 +299,7 @@ class TrainLoop:
         if self.world.is_main:
             write_train_state(directory, {
                 **self.state.state_dict(), "stage": self.stage, "run_id": self.run_id,
+                "device": self.world.choice.kind,
                 "model_config": config_to_dict(self.model_cfg), "engine": engine_meta,
             })
             if self.best_state is not None:
@@ -421,8 +434,9 @@ class TrainLoop:
         if self.world.is_main:
             _write_line(bar, line)
             if self.tracker is not None:
-                self.tracker.log_scalars(self.state.step, {k: float(v) for k, v in metrics.items()
-                                                           if isinstance(v, (int, float))})
+                self.tracker.log_scalars(self.step_offset + self.state.step,
+                                         {k: v for k, v in metrics.items() if k not in ("step", "epoch")})
+                self.tracker.flush()
         if self.options.checkpoint:
             self.sink.save(self, metrics)
 
@@ -438,6 +452,8 @@ class TrainLoop:
         running, since, steps_this_epoch = 0.0, 0, 0
         self.step_times: list[float] = []
         bar = None
+        if self.tracker is not None and self.state.step == 0:
+            self.tracker.log_stage(self.step_offset, self.stage, self.model_cfg.num_blocks)
         if self.world.is_main and self.job.train.progress and (self.world.ctx is not None or sys.stdout.isatty()):
             bar = _Bar(self.progress, self.total_steps, min(self.state.step, self.total_steps),
                        f"{self.stage} ({self.model_cfg.num_blocks} blocks)")

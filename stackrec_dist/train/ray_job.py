@@ -27,7 +27,7 @@ from typing import Any
 from stackrec_dist.config import JobConfig, config_from_dict, config_to_dict
 from stackrec_dist.train.checkpoint import COMPLETE_MARKER, Checkpoint, open_checkpoint
 from stackrec_dist.train.device import DeviceChoice, resolve_cluster_device
-from stackrec_dist.train.loop import LoopOptions, TrainLoop, World
+from stackrec_dist.train.loop import LoopOptions, TrainLoop, World, open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -229,19 +229,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     world = World(choice, ctx)
     try:
         segment = config.get("segment")
-        if segment is None:
-            loop = TrainLoop(job, world, init_state, options, sink=RaySink(job.name), progress=_worker_progress())
-            try:
-                loop.fit()
-            finally:
-                loop.close()
-        else:
-            _run_segment_in_worker(job, segment, world, options)
+        with open_tracker(job, world.rank) as tracker:
+            if world.is_main:
+                print(f"stackrec: {job.name}: {world.world_size} worker(s), {choice.describe()}, "
+                      f"ZeRO-{job.distributed.zero_stage}", flush=True)
+            if segment is None:
+                loop = TrainLoop(job, world, init_state, options, sink=RaySink(job.name), progress=_worker_progress(),
+                                 tracker=tracker)
+                try:
+                    loop.fit()
+                finally:
+                    loop.close()
+            else:
+                _run_segment_in_worker(job, segment, world, options, tracker)
     finally:
         D.teardown(ctx)
 
 
-def _run_segment_in_worker(job: JobConfig, segment: dict[str, Any], world: World, options) -> None:
+def _run_segment_in_worker(job: JobConfig, segment: dict[str, Any], world: World, options, tracker) -> None:
     import ray
 
     from stackrec_dist.config import ModelConfig, from_dict
@@ -254,7 +259,7 @@ def _run_segment_in_worker(job: JobConfig, segment: dict[str, Any], world: World
     if point is None:
         return
     start = SegmentStart(point["positions"], from_dict(ModelConfig, point["model_config"], "model"),
-                         point["weights"], point["parent"])
+                         point["weights"], point["parent"], point["step_offset"], point["last_step_end_t"])
     pending: list[Any] = []
 
     def record(rec, weights, model_cfg, info, best, wait):
@@ -264,7 +269,7 @@ def _run_segment_in_worker(job: JobConfig, segment: dict[str, Any], world: World
             pending.clear()
 
     run_segment(job, start, world, Path(segment["run_dir"]), segment["run_id"], record,
-                lambda stage_job, stage: RaySink(stage), options=options, progress=_worker_progress())
+                lambda stage_job, stage: RaySink(stage), options=options, progress=_worker_progress(), tracker=tracker)
     if pending:
         ray.get(pending)
 
@@ -291,7 +296,8 @@ def _ledger_actor_class():
             if point is None:
                 return None
             return {"positions": point.positions, "model_config": config_to_dict(point.model_cfg),
-                    "weights": point.weights, "parent": point.parent}
+                    "weights": point.weights, "parent": point.parent, "step_offset": point.step_offset,
+                    "last_step_end_t": point.last_step_end_t}
 
         def record(self, rec: dict[str, Any], weights, model_cfg: dict[str, Any], info: dict[str, Any], best) -> str:
             from stackrec_dist.config import ModelConfig, from_dict

@@ -55,6 +55,13 @@ def test_plan_grows_in_place_in_one_worker_group(ray_local, tiny_dataset, tmp_pa
     assert summary["stages"][0]["startup_s"] > 0 and all(s["startup_s"] == 0 for s in summary["stages"][1:])
     assert [p["to"] for p in summary["pauses"]] == ["train-4", "train-8"]
     assert all(0 < p["pause_s"] < 60 for p in summary["pauses"])
+    # Rank 0 tracked the whole plan on one step axis (TensorBoard under the run directory).
+    from tests.train.test_tracking import read_events
+
+    events = sorted((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+    scalars, _ = read_events(events[0].parent)
+    assert scalars["model/depth"] == [(0, 2.0), (2, 4.0), (4, 8.0)]
+    assert len(scalars["growth/pause_s"]) == 2
     # The recorded grown weights are the parent's, stacked (zero_new: new blocks' alpha = 0).
     parent = open_checkpoint(tmp_path / "run" / "train-4" / "final").model_state()
     grown = open_checkpoint(tmp_path / "run" / "grow-8" / "grown").model_state()
