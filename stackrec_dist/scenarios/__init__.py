@@ -41,14 +41,25 @@ def validation_curve(state: PlanState) -> list[dict[str, float]]:
 
 
 def growth_pauses(state: PlanState) -> list[dict[str, Any]]:
-    """Seconds between the last optimizer step of each train stage and the first of the next one."""
+    """Seconds between the last optimizer step of each train stage and the first of the next one,
+    and where they go: the stage's final validation and checkpoint (``finish_s``), handing the
+    weights on (gather, record, stack; a new worker group when the segment changes: ``handover_s``),
+    building the next model, optimizer, engine and reader (``build_s``), its first batch
+    (``first_batch_s``)."""
     trains = [r for r in state.done if r.action == "train" and r.metrics.get("last_step_end_t")]
     pauses = []
     for before, after in zip(trains, trains[1:]):
-        start = after.metrics.get("first_step_start_t", 0.0)
-        if start:
-            pauses.append({"from": before.name, "to": after.name, "blocks": after.blocks,
-                           "pause_s": start - before.metrics["last_step_end_t"]})
+        b, a = before.metrics, after.metrics
+        if not a.get("first_step_start_t"):
+            continue
+        pause = {"from": before.name, "to": after.name, "blocks": after.blocks,
+                 "pause_s": a["first_step_start_t"] - b["last_step_end_t"]}
+        if b.get("fit_end_t") and a.get("init_start_t") and a.get("built_t"):
+            pause.update({"finish_s": b["fit_end_t"] - b["last_step_end_t"],
+                          "handover_s": a["init_start_t"] - b["fit_end_t"],
+                          "build_s": a["built_t"] - a["init_start_t"],
+                          "first_batch_s": a["first_step_start_t"] - a["built_t"]})
+        pauses.append(pause)
     return pauses
 
 

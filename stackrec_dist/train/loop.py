@@ -198,6 +198,7 @@ class TrainLoop:
         from stackrec_dist.train.schedule import lr_lambda
         from stackrec_dist.train.step import RecommenderLoss
 
+        self.init_start_t = time.time()  # wall-clock marks of the stage, for the growth-pause breakdown
         self.job, self.world = job, world
         self.options = options or LoopOptions()
         self.sink = sink if sink is not None else LocalSink(job.train.checkpoint_dir, resume=False)
@@ -246,10 +247,12 @@ class TrainLoop:
         self.exhausted = False
         self.first_step_start_t = 0.0  # wall-clock (time.time) of this stage's first optimizer step
         self.last_step_end_t = 0.0
+        self.fit_end_t = 0.0
         self.consumed_path: Path | None = None
         if self.options.consumed_log_dir:
             Path(self.options.consumed_log_dir).mkdir(parents=True, exist_ok=True)
             self.consumed_path = Path(self.options.consumed_log_dir) / f"consumed-rank{world.rank}.jsonl"
+        self.built_t = time.time()
 
     # -- data ---------------------------------------------------------------------------------
 
@@ -499,12 +502,15 @@ class TrainLoop:
         finally:
             if bar is not None:
                 bar.close()
+        self.fit_end_t = time.time()
         return self.summary()
 
     def summary(self) -> dict[str, Any]:
         return {"steps": self.state.step, "epochs": self.state.epoch, "train_s": self.state.elapsed_s,
                 "best_valid_ndcg@5": self.state.best_metric, "best_step": self.state.best_step,
+                "init_start_t": self.init_start_t, "built_t": self.built_t,
                 "first_step_start_t": self.first_step_start_t, "last_step_end_t": self.last_step_end_t,
+                "fit_end_t": self.fit_end_t,
                 "history": list(self.state.history)}
 
     # -- diagnostics, test hooks --------------------------------------------------------------
