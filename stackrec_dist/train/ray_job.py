@@ -119,8 +119,11 @@ def worker_environment(job: JobConfig, choice: DeviceChoice) -> dict[str, str]:
     from stackrec_dist.growth.ledger import fault_injection_env
     from stackrec_dist.train.distributed import worker_env
 
-    # The crash-safety tests' fault injection reaches the workers.
-    return {**worker_env(job.distributed, choice.use_gpu), **fault_injection_env()}
+    # Ray Train routes a worker's print() through its logger, which the driver's console then shows
+    # twice; our lines are already one per validation, so print stays print. The crash-safety
+    # tests' fault injection reaches the workers.
+    return {**worker_env(job.distributed, choice.use_gpu), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+            **fault_injection_env()}
 
 
 def build_trainer(job: JobConfig, loop_config: dict[str, Any], run_name: str, choice: DeviceChoice,
