@@ -13,21 +13,23 @@ from pathlib import Path
 
 from stackrec_dist.config import JobConfig, StageConfig
 
-# Embedded defaults of the quickstart, applied before the user's --set overrides: a budget that
-# trains MovieLens-100K to a meaningful NDCG on two CPU cores in a few minutes.
+# Embedded defaults of the quickstart, applied before the user's --set overrides: NextItNet-16 on
+# MovieLens-100K, grown from 8 blocks, on two CPU cores in about five minutes. Depth is where
+# stacking pays: at 2 -> 4 blocks the embedding and the softmax head dominate a step and the
+# shallow stage is hardly cheaper (measured 0.76x); at 8 -> 16 the shallow stage costs about half.
 QUICKSTART_DEFAULTS = [
     "name=quickstart-ml100k",
     "prepare.source=movielens-100k",
     "data.path=runs/data/ml-100k",
     "data.batch_size=128",
-    "model.num_blocks=4",
+    "model.num_blocks=16",
     "optim.lr=2e-3",
     "optim.warmup_steps=20",
     "train.epochs=16",
     "train.patience=3",
     "train.checkpoint_dir=runs/quickstart",
-    # Through the production path: an embedded local Ray, one DeepSpeed worker (ZeRO-0; on a
-    # GPU machine it takes the GPU, bf16).
+    # Through the production path: an embedded local Ray, one DeepSpeed worker (ZeRO-0; train.device
+    # is auto: on a GPU machine the worker takes the GPU, bf16).
     "distributed.num_workers=1",
     "distributed.storage_path=runs/quickstart/ray",
 ]
@@ -41,8 +43,9 @@ def _prepared(cfg: JobConfig) -> bool:
 
 
 def quickstart_plans(cfg: JobConfig) -> dict[str, JobConfig]:
-    """The stacked TS run (k blocks for half the epochs, grow, 2k blocks for the rest) and the
-    from-scratch 2k-block baseline with the same epoch budget."""
+    """The stacked TS run (k blocks for at most half the epochs, grow, 2k blocks for the rest) and
+    the from-scratch 2k-block baseline with the same epoch budget; every train stage also ends on
+    a validation plateau (``train.patience``), as the authors' stages do."""
     deep = cfg.model.num_blocks
     shallow = max(1, deep // 2)
     half = cfg.train.epochs / 2
@@ -81,6 +84,11 @@ def run_quickstart(cfg: JobConfig) -> int:
     print_metrics_table(f"{cfg.name}: test split of {cfg.data.path}",
                         {label: s["test"] for label, s in summaries.items()}, cfg.eval.ks)
     print(markdown_table(summaries, baseline))
+    for label, s in summaries.items():
+        for pause in s.get("pauses", []):
+            print(f"{label}: growth to {pause['blocks']} blocks paused training {pause['pause_s']:.1f} s "
+                  f"(final validation {pause.get('finish_s', 0):.1f} s, hand-over and build "
+                  f"{pause.get('handover_s', 0) + pause.get('build_s', 0):.1f} s)")
     emit_result({f"{label}/{k}": v for label, s in summaries.items()
                  for k, v in {**s["test"], "wall_s": s["wall_s"]}.items()})
     return 0

@@ -100,6 +100,22 @@ def markdown_table(runs: dict[str, dict[str, Any]], baseline: str) -> str:
             f"{t.get('mrr@20', float('nan')):.4f} | {t.get('hr@20', float('nan')):.4f} | {t.get('ndcg@20', float('nan')):.4f} | "
             f"{run['wall_s']:.0f} | {run['steps']} | {reached} | {speed} | {reached_final} | {speed_final} |"
         )
+    return "\n".join(lines) + "\n" + overhead_table(runs)
+
+
+def overhead_table(runs: dict[str, dict[str, Any]]) -> str:
+    """Where each run's wall-clock went: training (steps and validations) vs worker start-up and
+    growth pauses (summaries written before these fields existed are left out)."""
+    rows = [(name, run) for name, run in runs.items() if "train_s" in run]
+    if not rows:
+        return ""
+    lines = ["", "| run | wall-clock s | training s | wall / training | worker start-up s | growth pauses s |",
+             "|---|---:|---:|---:|---:|---|"]
+    for name, run in rows:
+        startup = sum(s.get("startup_s", 0.0) for s in run["stages"])
+        pauses = ", ".join(f"{p['pause_s']:.1f}" for p in run.get("pauses", [])) or "-"
+        lines.append(f"| {name} | {run['wall_s']:.0f} | {run['train_s']:.0f} | {run['wall_s'] / run['train_s']:.2f} "
+                     f"| {startup:.1f} | {pauses} |")
     return "\n".join(lines) + "\n"
 
 

@@ -38,6 +38,9 @@ _RAY_ENV = {
     # poll to be committed, so Ray's default of 2 s is paid at every validation point.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
 }
+# An embedded Ray runs on this one machine, which no cloud preempts: Ray Train's spot-preemption
+# watcher has nothing to watch (and logs a core-worker error about its restart arguments).
+_EMBEDDED_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def _is_uri(path: str) -> bool:
@@ -83,6 +86,8 @@ def ray_session(job: JobConfig) -> Iterator[None]:
     if address:
         ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     else:
+        for key, value in _EMBEDDED_RAY_ENV.items():
+            os.environ.setdefault(key, value)
         num_cpus = max(2, int(job.distributed.num_workers * job.distributed.cpus_per_worker + 0.999))
         # The dashboard process serves Ray's state API, which Ray Train's controller monitor polls:
         # without it a healthy run logs "Failed to query Ray Train Controller actor state" forever.
