@@ -308,17 +308,6 @@ class GrowthConfig:
     )
     copy_layernorm: bool = _doc("Copy LayerNorm parameters (False: re-initialise, as the authors' code).", default=True)
     copy_head: bool = _doc("Copy the output softmax layer (False: re-initialise).", default=True)
-    optimizer_state: Literal["reset", "carry"] = _doc(
-        "reset: fresh optimizer after growth (paper); carry: copied blocks inherit AdamW moments.",
-        default="reset",
-    )
-
-    def validate(self, prefix: str = "growth") -> None:
-        # stacking.stack_param_state maps AdamW moments through a plan, but no runner loads them
-        # into the next stage yet: refuse rather than silently train with a fresh optimizer.
-        _check(self.optimizer_state == "reset", f"{prefix}.optimizer_state",
-               "must be reset: carrying optimizer state across growth is not wired into the runners yet",
-               self.optimizer_state)
 
 
 @dataclass
@@ -567,8 +556,33 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def dump_config(cfg: JobConfig) -> str:
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+def dump_config(cfg: JobConfig, docs: bool = True) -> str:
+    """The resolved config as YAML that loads back to the same config; with ``docs``, each field
+    carries its doc line as a comment (``stackrec config``)."""
+    if not docs:
+        return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+    def value(v: Any) -> str:
+        return yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
+
+    def line(indent: str, f: dataclasses.Field, v: Any) -> str:
+        doc = f.metadata.get("doc", "")
+        return f"{indent}{f.name}: {value(v)}" + (f"  # {doc}" if doc else "")
+
+    lines: list[str] = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            doc = (type(v).__doc__ or "").strip().splitlines()
+            explicit = doc and not doc[0].startswith(f"{type(v).__name__}(")  # not dataclass's signature
+            lines.append(f"{f.name}:" + (f"  # {doc[0]}" if explicit else ""))
+            lines += [line("  ", sub, getattr(v, sub.name)) for sub in dataclasses.fields(v)]
+        elif f.name == "plan":
+            lines.append(f"plan:  # {f.metadata.get('doc', '')}" if v else line("", f, []))
+            lines += [f"  - {value(dataclasses.asdict(stage))}" for stage in v]
+        else:
+            lines.append(line("", f, v))
+    return "\n".join(lines) + "\n"
 
 
 def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:

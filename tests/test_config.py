@@ -76,6 +76,13 @@ def test_shipped_configs_load(path):
     load_config(path)
 
 
-def test_unsupported_optimizer_carry_is_refused():
-    with pytest.raises(ConfigError, match="growth.optimizer_state must be reset"):
-        load_config(None, ["growth.optimizer_state=carry"])
+@pytest.mark.parametrize("path", [None, *CONFIGS], ids=["defaults", *[p.name for p in CONFIGS]])
+def test_config_dump_shows_doc_lines_and_loads_back(path):
+    import yaml
+
+    from stackrec_dist.config import config_from_dict, dump_config
+
+    cfg = load_config(path)
+    text = dump_config(cfg)
+    assert "  lr: " in text and "# Peak learning rate (AdamW)." in text
+    assert config_from_dict(yaml.safe_load(text)) == cfg

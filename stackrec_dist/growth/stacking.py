@@ -157,26 +157,6 @@ def stack_state_dict(
     return apply_plan(plan, state, fresh)
 
 
-def stack_param_state(
-    plan: list[KeyMapping], per_param: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Map per-parameter optimizer tensors (e.g. AdamW exp_avg) through a plan.
-
-    Copied parameters inherit their source's moments; muted alphas and re-initialised tensors
-    start from zero moments, as a fresh optimizer would give them.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for m in plan:
-        if m.role == "copy" and m.source in per_param:
-            out[m.key] = per_param[m.source].detach().clone()
-        else:
-            reference = per_param.get(m.source)
-            if reference is None:
-                raise StackingError(f"optimizer state lacks {m.source}")
-            out[m.key] = torch.zeros_like(reference)
-    return out
-
-
 def check_matches(state: Mapping[str, torch.Tensor], expected_shapes: Mapping[str, torch.Size]) -> None:
     """Fail with the offending keys when ``state`` does not fit a model with ``expected_shapes``."""
     missing = sorted(set(expected_shapes) - set(state))

@@ -9,7 +9,6 @@ from stackrec_dist.growth.stacking import (
     StackingError,
     check_matches,
     source_block,
-    stack_param_state,
     stack_state_dict,
     stacking_plan,
 )
@@ -142,18 +141,6 @@ def test_check_matches_names_mismatches():
     state = {"a": torch.zeros(2), "b": torch.zeros(3)}
     with pytest.raises(StackingError, match=r"missing=\['c'\].*unexpected=\['b'\]"):
         check_matches(state, {"a": torch.Size([2]), "c": torch.Size([1])})
-
-
-def test_optimizer_moments_follow_the_plan():
-    model = _trained_like("nextitnet")
-    state = model.state_dict()
-    growth = GrowthConfig(method="cross", alpha_policy="zero_new")
-    plan = stacking_plan({k: v.shape for k, v in state.items()}, 4, growth)
-    moments = {k: torch.full_like(v, float(i)) for i, (k, v) in enumerate(state.items())}
-    new = stack_param_state(plan, moments)
-    assert torch.all(new["blocks.6.conv1.weight"] == moments["blocks.2.conv1.weight"])
-    assert new["blocks.6.alpha"].item() == 0.0
-    assert new["blocks.2.alpha"].item() == moments["blocks.2.alpha"].item()
 
 
 def test_grown_dilations_follow_or_position():
