@@ -14,6 +14,8 @@ accelerator once, at import): :func:`set_accelerator_env` is called before the l
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -25,6 +27,8 @@ import torch.distributed as dist
 
 from stackrec_dist.config import DistributedConfig
 from stackrec_dist.train.device import DeviceChoice
+
+log = logging.getLogger(__name__)
 
 
 def set_accelerator_env(use_gpu: bool) -> None:
@@ -147,8 +151,12 @@ def init_worker(choice: DeviceChoice, timeout_s: float = 600.0) -> DistContext:
             })
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
         owns_group = True
-    # Finds torch.distributed initialised and wraps the existing group; no second group.
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    # Finds torch.distributed initialised and wraps the existing group; no second group. On CPU it
+    # also loads its shared-memory op and print()s so; that line goes to the debug log.
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    if said.getvalue().strip():
+        log.debug("deepspeed.init_distributed: %s", said.getvalue().strip())
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = choice.torch_device(local_rank)

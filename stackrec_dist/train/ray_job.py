@@ -88,6 +88,9 @@ def ray_session(job: JobConfig) -> Iterator[None]:
     else:
         for key, value in _EMBEDDED_RAY_ENV.items():
             os.environ.setdefault(key, value)
+        # Ray 2.60 turns token authentication on for a new local cluster (good) and announces it
+        # with a WARNING at every start; the notice, not the setting, is dropped.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         num_cpus = max(2, int(job.distributed.num_workers * job.distributed.cpus_per_worker + 0.999))
         # The dashboard process serves Ray's state API, which Ray Train's controller monitor polls:
         # without it a healthy run logs "Failed to query Ray Train Controller actor state" forever.
@@ -212,6 +215,16 @@ class RaySink:
             shutil.rmtree(directory, ignore_errors=True)
 
 
+def _quiet_report_lines() -> None:
+    """Ray Train logs every report (a whole metrics dict) at INFO through a logger named after its
+    module's *file* (ray 2.60, train/v2/_internal/execution/context.py), so RunConfig's
+    ``LoggingConfig(log_level=...)``, which filters ``ray.train.*`` loggers, misses it; set that
+    logger's level as LoggingConfig would."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def _worker_progress():
     from ray.experimental.tqdm_ray import tqdm
 
@@ -229,7 +242,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     job = config_from_dict(config["job"], source="<train_loop_config>")
     options = LoopOptions.from_dict(config.get("options"))
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_report_lines()
     choice = DeviceChoice(config["device"])
     init_state = config.get("init_state")
     if init_state is not None:
