@@ -103,12 +103,13 @@ def _config(path: Path, n: int, args: argparse.Namespace, opts: dict, bucket: st
 
 
 def _reader(data_cfg, seconds: float) -> dict[str, float]:
-    from stackrec_dist.data.stream import SequenceStream, build_train_loader
+    from stackrec_dist.data.loader import build_train_loader
+    from stackrec_dist.data.split_reader import SplitReader
 
-    ds = SequenceStream(data_cfg, "train")
+    ds = SplitReader(data_cfg, "train")
     rows = 0
     t0 = time.perf_counter()
-    for unit in ds._read_ahead(list(range(len(ds.units)))):
+    for unit in ds.read_ahead(list(range(len(ds.units)))):
         rows += len(unit.lengths)
         if time.perf_counter() - t0 > seconds:
             break

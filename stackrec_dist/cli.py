@@ -114,7 +114,7 @@ def cmd_grow(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from stackrec_dist.data.stream import iter_eval_batches
+    from stackrec_dist.data.eval_stream import iter_eval_batches
     from stackrec_dist.eval.evaluate import evaluate
     from stackrec_dist.train.device import resolve_device
 

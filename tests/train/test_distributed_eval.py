@@ -25,7 +25,7 @@ def _free_port() -> int:
 def _eval_worker(rank: int, port: int, data_path: str, model_path: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    from stackrec_dist.data.stream import iter_eval_batches
+    from stackrec_dist.data.eval_stream import iter_eval_batches
     from stackrec_dist.models import build_model
     from stackrec_dist.train import distributed as D
     from stackrec_dist.train.worker import evaluate_distributed
@@ -48,7 +48,7 @@ def test_distributed_evaluation_equals_single_process(tmp_path):
 
     import torch.multiprocessing as mp
 
-    from stackrec_dist.data.stream import iter_eval_batches
+    from stackrec_dist.data.eval_stream import iter_eval_batches
     from stackrec_dist.data.synthetic import generate_sequence_dataset
     from stackrec_dist.eval.evaluate import evaluate
     from stackrec_dist.models import build_model
