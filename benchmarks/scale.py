@@ -5,7 +5,7 @@
 
 Per size N (interactions; users 100k / 1M / 5M for 1M / 10M / 100M, else N / 10; ``--items``
 items, 1M by default), against a SeaweedFS S3 server this script starts on loopback
-(``stackrec_dist.data.seaweed``):
+(``tests/fixtures/seaweed.py``):
 
 1. **generate**: production-shaped raw interactions (``stackrec_dist.data.synthetic_scale``:
    power-law popularity and lengths, sessions, drift), streamed chunk by chunk to
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
 
-    from stackrec_dist.data.seaweed import start_seaweed
+    from tests.fixtures.seaweed import start_seaweed
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="stackrec-scale-"))
     work.mkdir(parents=True, exist_ok=True)
