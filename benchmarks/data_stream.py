@@ -5,7 +5,7 @@
 1. Writes a synthetic prepared dataset (``stackrec_dist.data.synthetic``; cached in --work-dir).
 2. Reads its train split with the real reader (``SequenceStream``: manifest validation, row
    validation, window building, shuffle buffer 4096, batches of 256) from local disk and from a
-   SeaweedFS S3 server started on loopback by this script (``stackrec_dist.data.seaweed``).
+   SeaweedFS S3 server started on loopback by this script (``tests/fixtures/seaweed.py``).
 3. Times a NextItNet-4 (C=64, L=50, B=256) training step on CPU (build_model + sequence_loss,
    full softmax, AdamW) and prints reader windows/s over step windows/s.
 Writes its section of docs/benchmarks.md.
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
               f"first batch {r['first_batch_s']:.2f}s", flush=True)
 
     if not args.no_s3:
-        from stackrec_dist.data.seaweed import find_weed, start_seaweed
+        from tests.fixtures.seaweed import find_weed, start_seaweed
 
         if find_weed() is None:
             print("weed binary missing: S3 leg skipped")

@@ -110,7 +110,7 @@ def _worker(rank: int, world: int, stage: int, port: int, args: argparse.Namespa
     sizes.update(rank=rank, world=world, stage=stage, losses=losses,
                  step_s=(time.perf_counter() - t0) / max(1, args.steps), ru_maxrss=_ru_maxrss())
     Path(out, f"w{world}-z{stage}-r{rank}.json").write_text(json.dumps(sizes))
-    D.barrier()
+    torch.distributed.barrier()
     D.teardown(ctx)
 
 

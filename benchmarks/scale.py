@@ -5,7 +5,7 @@
 
 Per size N (interactions; users 100k / 1M / 5M for 1M / 10M / 100M, else N / 10; ``--items``
 items, 1M by default), against a SeaweedFS S3 server this script starts on loopback
-(``stackrec_dist.data.seaweed``):
+(``tests/fixtures/seaweed.py``):
 
 1. **generate**: production-shaped raw interactions (``stackrec_dist.data.synthetic_scale``:
    power-law popularity and lengths, sessions, drift), streamed chunk by chunk to
@@ -103,12 +103,13 @@ def _config(path: Path, n: int, args: argparse.Namespace, opts: dict, bucket: st
 
 
 def _reader(data_cfg, seconds: float) -> dict[str, float]:
-    from stackrec_dist.data.stream import SequenceStream, build_train_loader
+    from stackrec_dist.data.loader import build_train_loader
+    from stackrec_dist.data.split_reader import SplitReader
 
-    ds = SequenceStream(data_cfg, "train")
+    ds = SplitReader(data_cfg, "train")
     rows = 0
     t0 = time.perf_counter()
-    for unit in ds._read_ahead(list(range(len(ds.units)))):
+    for unit in ds.read_ahead(list(range(len(ds.units)))):
         rows += len(unit.lengths)
         if time.perf_counter() - t0 > seconds:
             break
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
 
-    from stackrec_dist.data.seaweed import start_seaweed
+    from tests.fixtures.seaweed import start_seaweed
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="stackrec-scale-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
-import traceback
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from stackrec_dist.config import ConfigError, JobConfig, dump_config, load_config
+from stackrec_dist.console import emit_result, print_metrics_table, report_error
 from stackrec_dist.errors import StackrecError, unwrap_worker_error
+from stackrec_dist.launch.submit import add_arguments as add_submit_arguments
 
 log = logging.getLogger("stackrec")
 
@@ -25,27 +23,6 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace) -> JobConfig:
     return load_config(args.config, args.overrides)
-
-
-def print_metrics_table(title: str, rows: dict[str, dict[str, float]], ks: Sequence[int] = (5, 10, 20)) -> None:
-    """rows: {row name: {"mrr@5": ..., ...}} -> a rich table on stdout."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("model")
-    columns = [f"{m}@{k}" for k in ks for m in ("mrr", "hr", "ndcg")]
-    for col in columns:
-        table.add_column(col.upper(), justify="right")
-    for name, metrics in rows.items():
-        table.add_row(name, *(f"{metrics[c]:.4f}" if c in metrics else "-" for c in columns))
-    # Wide enough for all columns when stdout is a pipe or a log (no terminal width to read).
-    Console(width=max(160, Console().width)).print(table)
-
-
-def emit_result(result: dict[str, Any]) -> None:
-    """The last stdout line of a command is one JSON object, for scripts and ``ray job logs``."""
-    print("STACKREC_RESULT " + json.dumps(result, sort_keys=True, default=float), flush=True)
 
 
 # -- subcommands ---------------------------------------------------------------------------------
@@ -114,7 +91,7 @@ def cmd_grow(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from stackrec_dist.data.stream import iter_eval_batches
+    from stackrec_dist.data.eval_stream import iter_eval_batches
     from stackrec_dist.eval.evaluate import evaluate
     from stackrec_dist.train.device import resolve_device
 
@@ -144,9 +121,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from stackrec_dist import launch_submit
+    from stackrec_dist.launch.submit import run
 
-    return launch_submit.run(args)
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,12 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("submit", help="submit a job to a Ray cluster (ray job submit)")
-    try:
-        from stackrec_dist import launch_submit
-
-        launch_submit.add_arguments(p)
-    except ImportError:  # pragma: no cover - launch module is optional at import time
-        pass
+    add_submit_arguments(p)
     p.set_defaults(func=cmd_submit)
     for p in sub.choices.values():  # `stackrec train --debug ...` works as well as `stackrec --debug train`
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -226,32 +198,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(err, StackrecError):
             raise
         return report_error(err, exc, debug=args.debug)
-
-
-def error_log_path() -> Path:
-    """Where the traceback of the last failed command goes: ``$STACKREC_ERROR_LOG`` or
-    ``~/.cache/stackrec/last-error.log``."""
-    return Path(os.environ.get("STACKREC_ERROR_LOG") or Path.home() / ".cache" / "stackrec" / "last-error.log")
-
-
-def report_error(err: StackrecError, raised: BaseException, debug: bool = False) -> int:
-    """Print ``stackrec: <kind> error: <message>`` (one line, last on stderr); return the exit code.
-
-    The traceback of ``raised`` (with its chained causes) goes to :func:`error_log_path` and, with
-    ``--debug``, to stderr above the line.
-    """
-    trace = "".join(traceback.format_exception(raised))
-    try:
-        path = error_log_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"stackrec {' '.join(sys.argv[1:])}\n{trace}")
-    except OSError:
-        pass  # the log is a convenience; the message below is what matters
-    if debug:
-        print(trace, file=sys.stderr, end="")
-    message = " ".join(str(err).split()) or type(err).__name__
-    print(f"stackrec: {err.kind} error: {message}", file=sys.stderr, flush=True)
-    return err.exit_code
 
 
 if __name__ == "__main__":

@@ -134,6 +134,7 @@ def test_chunked_never_builds_n_by_v():
     assert probe_full.max_numel >= n * (V - 1)  # the probe does see the full logits (pad column excluded)
 
 
+@pytest.mark.slow  # over 5 s on 2 cores
 def test_chunked_runs_where_full_logits_would_exceed_1gb():
     # N * V * 4 bytes = 1000 * 270_001 * 4 ~ 1.08 GB; measured in a fresh process so that the
     # peak RSS reflects this computation alone.

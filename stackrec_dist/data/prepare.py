@@ -437,21 +437,83 @@ class _IdMapWriter:
         return self.rel
 
 
+@dataclass
+class _Census:
+    """Pass A's counts over all buckets: who is kept, what was dropped, the kept time range."""
+
+    total_users: int = 0
+    users_dropped: int = 0
+    interactions_dropped: int = 0
+    interactions_kept: int = 0
+    users_other_domain: int = 0
+    interactions_other_domain: int = 0
+    any_long: bool = False
+    tmin: int | None = None
+    tmax: int | None = None
+
+
 def _finish(
     cfg: PrepareConfig, s: _Pass1, fs: fsspec.AbstractFileSystem, root: str, budget_rows: int, spill: str
 ) -> PrepareReport:
-    # Pass A, one bucket at a time (a user's rows are all in one bucket): interactions per user,
-    # who is kept, the items long-enough users touch, and the kept timestamps when slicing.
-    # long_enough decides the item id map (shared by all domains); kept decides the rows.
+    """Pass A (census), dense ids, CL slice boundaries, pass 2 (rows -> splits), manifest last."""
     names_per_partition = budget_rows * BYTES_PER_ROW // NAME_BYTES
     users = SortedIds(os.path.join(spill, "users"), names_per_partition)
     items = SortedIds(os.path.join(spill, "items"), names_per_partition)
     kept_paths = [os.path.join(spill, f"kept-{b:05d}.npy") for b in range(len(s.bucket_paths))]
     ts_paths = [os.path.join(spill, f"ts-{b:05d}.npy") for b in range(len(s.bucket_paths))]
-    total_users = users_dropped = interactions_dropped = interactions_kept = 0
-    users_other_domain = interactions_other_domain = 0
-    any_long = False
-    tmin, tmax = None, None
+    census = _census(cfg, s, users, items, kept_paths, ts_paths)
+    _check_census(cfg, s, census)
+    num_users, num_items, id_maps = _assign_ids(fs, root, users, items)
+    boundaries = _slice_boundaries(cfg, census, ts_paths)
+    split_names = ["train", "valid", "test"] + [f"slice-{k}" for k in range(1, cfg.time_slices + 1)]
+    writers = {n: SplitWriter(fs, root, n, cfg.num_shards, cfg.row_group_size,
+                              num_items=num_items if n == "train" else None) for n in split_names}
+    groups = _bucket_groups(s.bucket_rows.tolist(), budget_rows)
+    _write_rows(cfg, s, writers, groups, kept_paths, users, items, boundaries)
+    split_infos = {n: w.close() for n, w in writers.items()}
+    item_counts = write_item_counts(fs, root, writers["train"].item_counts, "train")
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        num_items=num_items,
+        num_users=num_users,
+        protocol=cfg.split,
+        splits=split_infos,
+        id_maps=id_maps,
+        created_by="stackrec_dist.data.prepare",
+        extra=_manifest_extra(cfg, s, census, boundaries),
+        item_counts=item_counts,
+    )
+    write_manifest(fs, root, manifest)
+    return PrepareReport(
+        output=cfg.output,
+        source=cfg.source,
+        protocol=cfg.split,
+        num_users=num_users,
+        num_items=num_items,
+        rows_read=s.rows_read,
+        rows_bad=s.rows_bad,
+        quarantine_path=display_path(fs, s.quarantine_path) if s.quarantine_path else None,
+        users_dropped=census.users_dropped,
+        interactions_dropped=census.interactions_dropped,
+        interactions_kept=census.interactions_kept,
+        splits={n: info.rows for n, info in split_infos.items()},
+        time_slice_boundaries=boundaries,
+        input_bytes=0,
+        spill_buckets=len(s.bucket_paths),
+        partitions=len(groups),
+        wall_s=0.0,
+        peak_rss_mb=0.0,
+        extra={"manifest": manifest, "id_sort_partitions": {"users": users.partitions, "items": items.partitions}},
+    )
+
+
+def _census(cfg: PrepareConfig, s: _Pass1, users: SortedIds, items: SortedIds, kept_paths: list[str],
+            ts_paths: list[str]) -> _Census:
+    """Pass A, one bucket at a time (a user's rows are all in one bucket): interactions per user,
+    who is kept (saved to ``kept_paths``), the items long-enough users touch, and the kept
+    timestamps when slicing (saved to ``ts_paths``). Long-enough users decide the item id map
+    (shared by all domains); kept users decide the rows."""
+    c = _Census()
     for b, path in enumerate(s.bucket_paths):
         table = _read_bucket(path)
         bu = _bucket_users(table)
@@ -460,13 +522,13 @@ def _finish(
         if in_domain is None:
             in_domain = np.ones(len(bu.counts), dtype=bool)
         kept = long_enough & in_domain
-        total_users += len(bu.counts)
-        any_long |= bool(long_enough.any())
-        users_dropped += int((~long_enough & in_domain).sum())
-        interactions_dropped += int(bu.counts[~long_enough & in_domain].sum())
-        interactions_kept += int(bu.counts[kept].sum())
-        users_other_domain += int((long_enough & ~in_domain).sum())
-        interactions_other_domain += int(bu.counts[long_enough & ~in_domain].sum())
+        c.total_users += len(bu.counts)
+        c.any_long |= bool(long_enough.any())
+        c.users_dropped += int((~long_enough & in_domain).sum())
+        c.interactions_dropped += int(bu.counts[~long_enough & in_domain].sum())
+        c.interactions_kept += int(bu.counts[kept].sum())
+        c.users_other_domain += int((long_enough & ~in_domain).sum())
+        c.interactions_other_domain += int(bu.counts[long_enough & ~in_domain].sum())
         np.save(kept_paths[b], kept)
         users.add(bu.names.filter(pa.array(kept)))
         items.add(_touched_items(table, long_enough[bu.row_user]))
@@ -474,54 +536,73 @@ def _finish(
             t = table.column("t").to_numpy()[kept[bu.row_user]]
             np.save(ts_paths[b], t)
             if len(t):
-                tmin = int(t.min()) if tmin is None else min(tmin, int(t.min()))
-                tmax = int(t.max()) if tmax is None else max(tmax, int(t.max()))
+                c.tmin = int(t.min()) if c.tmin is None else min(c.tmin, int(t.min()))
+                c.tmax = int(t.max()) if c.tmax is None else max(c.tmax, int(t.max()))
         del table, bu
         pa.default_memory_pool().release_unused()
-    if not any_long:
+    return c
+
+
+def _check_census(cfg: PrepareConfig, s: _Pass1, c: _Census) -> None:
+    """A dataset without a single kept user is bad input, named with the reason."""
+    if not c.any_long:
         raise DataError(
             f"no user has >= min_sequence_length={cfg.min_sequence_length} valid interactions "
-            f"({total_users} users, {s.rows_read - s.rows_bad} valid rows)",
+            f"({c.total_users} users, {s.rows_read - s.rows_bad} valid rows)",
             path=s.source,
         )
-    if interactions_kept == 0:
+    if c.interactions_kept == 0:
         raise DataError(
             f"prepare.user_subset={cfg.user_subset!r}: no user with >= min_sequence_length="
             f"{cfg.min_sequence_length} interactions falls in this domain "
             f"(target_user_fraction={cfg.target_user_fraction}, seed={cfg.seed}, "
-            f"{users_other_domain} users in the other domain)",
+            f"{c.users_other_domain} users in the other domain)",
             path=s.source,
         )
 
-    # Dense ids: global ranks in sorted original-id order, by external sort; the id maps are
-    # written as the sorted names come out.
+
+def _assign_ids(fs: fsspec.AbstractFileSystem, root: str, users: SortedIds,
+                items: SortedIds) -> tuple[int, int, dict[str, Any]]:
+    """Dense ids: global ranks in sorted original-id order, by external sort; the id maps are
+    written as the sorted names come out. Returns (num_users, num_items incl. pad, id_maps)."""
     user_map = _IdMapWriter(fs, root, "users", pa.int64())
     num_users = users.assign(0, user_map.add)
     item_map = _IdMapWriter(fs, root, "items", pa.int32())
     num_items = items.assign(1, item_map.add) + 1
-    id_maps = {"items": item_map.close(), "users": user_map.close()}
+    return num_users, num_items, {"items": item_map.close(), "users": user_map.close()}
 
-    boundaries: list[int] = []
-    if cfg.time_slices > 1:
-        width = max(1, -(-(tmax - tmin + 1) // _HIST_BINS))
-        counts = np.zeros(-(-(tmax - tmin + 1) // width), dtype=np.int64)
-        for t in _iter_ts(ts_paths):
-            if len(t):
-                counts += np.bincount((t - tmin) // width, minlength=len(counts))[: len(counts)]
-        ranks = [-(-k * interactions_kept // cfg.time_slices) for k in range(1, cfg.time_slices)]
-        boundaries = _exact_quantile_values(ts_paths, ranks, tmin, tmax, counts, width)
 
-    split_names = ["train", "valid", "test"] + [f"slice-{k}" for k in range(1, cfg.time_slices + 1)]
-    writers = {n: SplitWriter(fs, root, n, cfg.num_shards, cfg.row_group_size,
-                              num_items=num_items if n == "train" else None) for n in split_names}
+def _slice_boundaries(cfg: PrepareConfig, c: _Census, ts_paths: list[str]) -> list[int]:
+    """CL slice boundaries b_1..b_{T-1}: exact quantiles of the kept timestamps (none when T <= 1)."""
+    if cfg.time_slices <= 1:
+        return []
+    width = max(1, -(-(c.tmax - c.tmin + 1) // _HIST_BINS))
+    counts = np.zeros(-(-(c.tmax - c.tmin + 1) // width), dtype=np.int64)
+    for t in _iter_ts(ts_paths):
+        if len(t):
+            counts += np.bincount((t - c.tmin) // width, minlength=len(counts))[: len(counts)]
+    ranks = [-(-k * c.interactions_kept // cfg.time_slices) for k in range(1, cfg.time_slices)]
+    return _exact_quantile_values(ts_paths, ranks, c.tmin, c.tmax, counts, width)
 
-    # Pass 2: consecutive buckets up to the budget at a time.
+
+def _bucket_groups(bucket_rows: list[int], budget_rows: int) -> list[list[int]]:
+    """Consecutive buckets, as many as fit in the row budget together (at least one each)."""
     groups: list[list[int]] = []
-    for b, rows in enumerate(s.bucket_rows.tolist()):
-        if groups and sum(s.bucket_rows[groups[-1]]) + rows <= budget_rows:
+    total = 0
+    for b, rows in enumerate(bucket_rows):
+        if groups and total + rows <= budget_rows:
             groups[-1].append(b)
+            total += rows
         else:
             groups.append([b])
+            total = rows
+    return groups
+
+
+def _write_rows(cfg: PrepareConfig, s: _Pass1, writers: dict[str, SplitWriter], groups: list[list[int]],
+                kept_paths: list[str], users: SortedIds, items: SortedIds, boundaries: list[int]) -> None:
+    """Pass 2, one group of buckets at a time: kept rows with dense ids, sorted by (user hash,
+    user, time), cut into the splits."""
     bounds = boundaries + [None] if cfg.time_slices else []
     held_key = int(cfg.seed).to_bytes(8, "little", signed=True)
     for g in groups:
@@ -548,61 +629,30 @@ def _finish(
         # resident memory tracks the budget rather than the high-water mark of every thread.
         pa.default_memory_pool().release_unused()
 
-    split_infos = {n: w.close() for n, w in writers.items()}
-    item_counts = write_item_counts(fs, root, writers["train"].item_counts, "train")
-    manifest = Manifest(
-        schema_version=SCHEMA_VERSION,
-        num_items=num_items,
-        num_users=num_users,
-        protocol=cfg.split,
-        splits=split_infos,
-        id_maps=id_maps,
-        created_by="stackrec_dist.data.prepare",
-        extra={
-            "source": cfg.source,
-            "min_sequence_length": cfg.min_sequence_length,
-            "held_out_fraction": cfg.held_out_fraction if cfg.split == "held_out" else None,
-            "seed": cfg.seed,
-            "time_slices": cfg.time_slices,
-            "time_slice_boundaries": boundaries,
-            "interactions": interactions_kept,
-            "rows_bad": s.rows_bad,
-            "quarantine": "_quarantine/bad_rows.parquet" if s.rows_bad else None,
-            "users_dropped": users_dropped,
-            "interactions_dropped": interactions_dropped,
-            "user_subset": cfg.user_subset,
-            "target_user_fraction": cfg.target_user_fraction if cfg.user_subset != "all" else None,
-            "domain_hash": (
-                "blake2b-64(original user id, key=b'stackrec-domain:' + int64le(seed)) / 2**64 "
-                "< target_user_fraction -> target, else source"
-            ) if cfg.user_subset != "all" else None,
-            "users_other_domain": users_other_domain,
-            "interactions_other_domain": interactions_other_domain,
-        },
-        item_counts=item_counts,
-    )
-    write_manifest(fs, root, manifest)
-    return PrepareReport(
-        output=cfg.output,
-        source=cfg.source,
-        protocol=cfg.split,
-        num_users=num_users,
-        num_items=num_items,
-        rows_read=s.rows_read,
-        rows_bad=s.rows_bad,
-        quarantine_path=display_path(fs, s.quarantine_path) if s.quarantine_path else None,
-        users_dropped=users_dropped,
-        interactions_dropped=interactions_dropped,
-        interactions_kept=interactions_kept,
-        splits={n: info.rows for n, info in split_infos.items()},
-        time_slice_boundaries=boundaries,
-        input_bytes=0,
-        spill_buckets=len(s.bucket_paths),
-        partitions=len(groups),
-        wall_s=0.0,
-        peak_rss_mb=0.0,
-        extra={"manifest": manifest, "id_sort_partitions": {"users": users.partitions, "items": items.partitions}},
-    )
+
+def _manifest_extra(cfg: PrepareConfig, s: _Pass1, c: _Census, boundaries: list[int]) -> dict[str, Any]:
+    """The manifest's ``extra``: the options and counts of this prepare, for provenance."""
+    return {
+        "source": cfg.source,
+        "min_sequence_length": cfg.min_sequence_length,
+        "held_out_fraction": cfg.held_out_fraction if cfg.split == "held_out" else None,
+        "seed": cfg.seed,
+        "time_slices": cfg.time_slices,
+        "time_slice_boundaries": boundaries,
+        "interactions": c.interactions_kept,
+        "rows_bad": s.rows_bad,
+        "quarantine": "_quarantine/bad_rows.parquet" if s.rows_bad else None,
+        "users_dropped": c.users_dropped,
+        "interactions_dropped": c.interactions_dropped,
+        "user_subset": cfg.user_subset,
+        "target_user_fraction": cfg.target_user_fraction if cfg.user_subset != "all" else None,
+        "domain_hash": (
+            "blake2b-64(original user id, key=b'stackrec-domain:' + int64le(seed)) / 2**64 "
+            "< target_user_fraction -> target, else source"
+        ) if cfg.user_subset != "all" else None,
+        "users_other_domain": c.users_other_domain,
+        "interactions_other_domain": c.interactions_other_domain,
+    }
 
 
 def _bucket_rows(cfg: PrepareConfig, path: str, kept: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray,

@@ -212,8 +212,3 @@ def write_prepared_dataset(uri: str, p: ScaleParams, storage_options: dict[str, 
     )
     write_manifest(fs, root, manifest)
     return manifest
-
-
-def expected_mean_length(p: ScaleParams) -> float:
-    """Mean sequence length the parameters aim at (before the max_length cap)."""
-    return p.interactions / p.num_users

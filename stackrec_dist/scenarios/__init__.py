@@ -78,7 +78,7 @@ def plan_session(cfg: JobConfig):
 
 
 def run_plan(cfg: JobConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
-    from stackrec_dist.data.stream import iter_eval_batches
+    from stackrec_dist.data.eval_stream import iter_eval_batches
     from stackrec_dist.eval.evaluate import evaluate
     from stackrec_dist.train.checkpoint import open_checkpoint
     from stackrec_dist.train.device import resolve_device

@@ -29,7 +29,7 @@ from stackrec_dist.config import DataConfig, LossConfig
 from stackrec_dist.data.errors import DataError, ManifestError
 from stackrec_dist.data.manifest import Manifest, open_fs, read_manifest
 from stackrec_dist.data.storage import display_path, retrying, storage_errors
-from stackrec_dist.data.stream import pieces_per_row
+from stackrec_dist.data.windows import pieces_per_row
 
 log = logging.getLogger(__name__)
 

@@ -184,11 +184,6 @@ def all_reduce_sum(tensor: torch.Tensor, device: torch.device | None = None) -> 
     return work.to(tensor.device)
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def register_external_parameters(module: torch.nn.Module, params: list[torch.nn.Parameter], use_gpu: bool) -> None:
     """ZeRO-3: parameters read by ``module.forward`` outside their own submodule's forward
     (the loss reads ``head.weight``) must be registered so DeepSpeed gathers them there."""

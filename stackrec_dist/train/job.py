@@ -57,7 +57,7 @@ def _train_here(cfg: JobConfig, init_state, resume: bool):
 
 
 def _train_on_ray(cfg: JobConfig, init_state):
-    from stackrec_dist.data.stream import iter_eval_batches
+    from stackrec_dist.data.eval_stream import iter_eval_batches
     from stackrec_dist.eval.evaluate import evaluate
     from stackrec_dist.train.device import resolve_device
     from stackrec_dist.train.ray_job import fit_distributed, local_checkpoint_dir

@@ -264,12 +264,12 @@ class TrainLoop:
             return SyntheticBatches(self.model_cfg.num_items, job.data.max_len, job.data.batch_size,
                                     self.options.synthetic_steps_per_epoch, job.data.seed, world.rank,
                                     world.world_size)
-        from stackrec_dist.data.stream import build_train_loader
+        from stackrec_dist.data.loader import build_train_loader
 
         return build_train_loader(job.data, job.data.train_split, rank=world.rank, world_size=world.world_size)
 
     def _eval_batches(self, split: str):
-        from stackrec_dist.data.stream import iter_eval_batches
+        from stackrec_dist.data.eval_stream import iter_eval_batches
 
         return iter_eval_batches(self.job.data, split, self.job.eval.batch_size,
                                  rank=self.world.rank, world_size=self.world.world_size)

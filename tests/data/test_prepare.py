@@ -289,6 +289,7 @@ MEMORY_SCRIPT = textwrap.dedent(
 MEMORY_OVERHEAD_MB = 56
 
 
+@pytest.mark.slow  # over 5 s on 2 cores
 def test_memory_bound(tmp_path):
     # ~58 MB of CSV (2.8M interactions); prepared in one partition it costs ~270 MB of RSS.
     log = generate_interactions(20000, 5000, seed=1, params=SyntheticParams(mean_length=150, max_length=400))
@@ -478,6 +479,7 @@ VOCAB_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # over 5 s on 2 cores
 def test_memory_bound_with_many_distinct_ids(tmp_path):
     """The id vocabularies stay on disk: 4x the distinct ids, the same resident memory."""
 

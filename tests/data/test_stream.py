@@ -19,16 +19,11 @@ from stackrec_dist.config import DataConfig
 from stackrec_dist.data.errors import CorruptFileError, DataError, ManifestError, MissingShardError, SchemaError
 from stackrec_dist.data.manifest import Manifest, ShardInfo, SplitInfo, write_manifest
 from stackrec_dist.data.storage import StorageError, open_fs
-from stackrec_dist.data.stream import (
-    SequenceStream,
-    build_train_loader,
-    concat_windows,
-    iter_eval_batches,
-    merge_cursors,
-    pad_windows,
-    piece_bounds,
-    row_pieces,
-)
+from stackrec_dist.data.cursor import merge_cursors
+from stackrec_dist.data.eval_stream import iter_eval_batches
+from stackrec_dist.data.loader import build_train_loader
+from stackrec_dist.data.stream import SequenceStream
+from stackrec_dist.data.windows import concat_windows, pad_windows, piece_bounds, row_pieces
 
 # -- writing small datasets directly (the sequence-Parquet contract of docs/architecture.md) -----
 
@@ -521,7 +516,7 @@ def test_s3_read_resume_and_server_restart(s3_server, s3_dataset_root):
 
 
 def test_iter_row_lengths_checks_like_the_reader(tmp_path):
-    from stackrec_dist.data.stream import iter_row_lengths
+    from stackrec_dist.data.rows import iter_row_lengths
 
     uri = _bad_dataset(tmp_path, [[1, 2], [3, 4, 5]])
     lengths = np.concatenate(list(iter_row_lengths(cfg_for(uri))))
@@ -533,7 +528,7 @@ def test_iter_row_lengths_checks_like_the_reader(tmp_path):
 
 
 def test_read_dataset_manifest_names_the_problem(tmp_path):
-    from stackrec_dist.data.stream import read_dataset_manifest
+    from stackrec_dist.data.shards import read_dataset_manifest
 
     uri = _bad_dataset(tmp_path, [[1, 2]])
     assert read_dataset_manifest(cfg_for(uri)).num_items == 50

@@ -42,6 +42,7 @@ def interpret():
         pytest.skip("runs in the TRITON_INTERPRET=1 child process (test_triton_interpreter_suite)")
 
 
+@pytest.mark.slow  # over 5 s on 2 cores
 @needs_triton
 @pytest.mark.skipif(IN_INTERPRETER, reason="already in the interpreter process")
 def test_triton_interpreter_suite():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stackrec_dist import launch_submit as ls
+from stackrec_dist.launch import submit as ls
 
 SECRET = "very-secret-value-0123456789"
 
@@ -180,9 +180,8 @@ def test_wait_times_out_while_the_job_runs_and_redacts_the_tail():
 
 def test_config_typo_fails_before_contacting_a_cluster(monkeypatch):
     """The real configs/smoke.yaml with a misspelt override: refused locally, nothing submitted."""
-    repo = Path(ls.__file__).resolve().parent.parent
-    if not (repo / "configs" / "smoke.yaml").exists():
-        pytest.skip("configs/smoke.yaml not written yet")
+    repo = Path(ls.__file__).resolve().parents[2]
+    assert (repo / "configs" / "smoke.yaml").is_file()
 
     def no_client(address):
         raise AssertionError("must not connect")

@@ -13,7 +13,7 @@ import torch
 from stackrec_dist.config import DataConfig, LossConfig
 from stackrec_dist.data.errors import DataError
 from stackrec_dist.data.manifest import MANIFEST_NAME
-from stackrec_dist.data.stream import pieces_per_row
+from stackrec_dist.data.windows import pieces_per_row
 from stackrec_dist.train import data_info
 from stackrec_dist.train.data_info import count_windows, dataset_num_items, item_counts, steps_per_epoch
 

@@ -44,7 +44,7 @@ def _consumed(log_dir: Path) -> tuple[dict[int, float], Counter]:
 
 
 def test_worker_crash_resumes_and_consumes_each_window_once(ray_local, tmp_path):
-    from stackrec_dist.data.stream import build_train_loader
+    from stackrec_dist.data.loader import build_train_loader
     from stackrec_dist.data.synthetic import generate_sequence_dataset
     from stackrec_dist.train.ray_job import fit_distributed
     from stackrec_dist.train.batches import window_fingerprints

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stackrec_dist.config import DataConfig, DistributedConfig, EvalConfig, ModelConfig
+from stackrec_dist.config import DataConfig, EvalConfig, ModelConfig
 
 WORLD = 2
 
@@ -25,19 +25,24 @@ def _free_port() -> int:
 def _eval_worker(rank: int, port: int, data_path: str, model_path: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    from stackrec_dist.data.stream import iter_eval_batches
+    from stackrec_dist.data.eval_stream import iter_eval_batches
+    from stackrec_dist.eval.evaluate import evaluate_accumulator
+    from stackrec_dist.eval.metrics import MetricAccumulator
     from stackrec_dist.models import build_model
     from stackrec_dist.train import distributed as D
-    from stackrec_dist.train.worker import evaluate_distributed
+    from stackrec_dist.train.device import resolve_device
 
-    ctx = D.init_worker(DistributedConfig(num_workers=WORLD))
+    ctx = D.init_worker(resolve_device("cpu"))
     saved = torch.load(model_path)
     model = build_model(ModelConfig(**saved["config"]))
     model.load_state_dict(saved["state"])
     data_cfg = DataConfig(path=data_path, max_len=12)
     eval_cfg = EvalConfig(ks=[1, 5, 10], batch_size=7)
-    metrics = evaluate_distributed(model, iter_eval_batches(data_cfg, "valid", 7, rank=ctx.rank, world_size=WORLD),
-                                   eval_cfg, ctx.device)
+    # What TrainLoop.validate does: each rank ranks its own rows, the metric sums are all-reduced.
+    acc = evaluate_accumulator(model, iter_eval_batches(data_cfg, "valid", 7, rank=ctx.rank, world_size=WORLD),
+                               eval_cfg.ks, ctx.device)
+    merged = MetricAccumulator.from_state(D.all_reduce_sum(acc.state(), device=ctx.device).cpu(), eval_cfg.ks)
+    metrics = {**merged.compute(), "count": merged.count}
     Path(out, f"rank{rank}.json").write_text(json.dumps(metrics))
     D.teardown(ctx)
 
@@ -48,7 +53,7 @@ def test_distributed_evaluation_equals_single_process(tmp_path):
 
     import torch.multiprocessing as mp
 
-    from stackrec_dist.data.stream import iter_eval_batches
+    from stackrec_dist.data.eval_stream import iter_eval_batches
     from stackrec_dist.data.synthetic import generate_sequence_dataset
     from stackrec_dist.eval.evaluate import evaluate
     from stackrec_dist.models import build_model

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from stackrec_dist.console import RESULT_PREFIX
+
 log = logging.getLogger("stackrec.submit")
 
 #: Environment variables whose *values* are secret: forwarded to the job, masked everywhere.
@@ -60,8 +62,6 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
     "*.pt",
     "*.ckpt",
 )
-#: Prefix of the one-line JSON result a ``stackrec`` command prints last (see cli.emit_result).
-RESULT_PREFIX = "STACKREC_RESULT "
 MASK = "****"
 _ADDRESS_ENV_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 
@@ -390,7 +390,7 @@ def submit(
 
 def repo_root() -> Path:
     """Default working_dir: the checkout this module lives in, or the cwd for an installed package."""
-    checkout = Path(__file__).resolve().parent.parent
+    checkout = Path(__file__).resolve().parents[2]
     return checkout if (checkout / "pyproject.toml").is_file() else Path.cwd()
 
 

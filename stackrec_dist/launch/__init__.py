@@ -1,0 +1,1 @@
+"""Launching ``stackrec`` jobs on running Ray clusters (``submit.py``: ``stackrec submit``)."""
