@@ -105,7 +105,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
-    from stackrec_dist.scenarios import run_plan
+    from stackrec_dist.scenarios.plan import run_plan
     from stackrec_dist.train.ray_job import ray_session
 
     load_before = os.getloadavg()

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from stackrec_dist.config import config_from_dict
-from stackrec_dist.scenarios import run_plan
+from stackrec_dist.scenarios.plan import run_plan
 from stackrec_dist.scenarios.report import load_summary, markdown_table
 
 from common import write_section

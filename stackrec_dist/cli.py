@@ -49,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.plan:
         if args.init:
             raise ConfigError("--init starts a single training run; a plan starts from its first stage")
-        from stackrec_dist.scenarios import run_plan
+        from stackrec_dist.scenarios.plan import run_plan
 
         result = run_plan(cfg)
     else:
@@ -109,7 +109,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from stackrec_dist.quickstart import QUICKSTART_DEFAULTS, run_quickstart
+    from stackrec_dist.scenarios.quickstart import QUICKSTART_DEFAULTS, run_quickstart
 
     return run_quickstart(load_config(args.config, QUICKSTART_DEFAULTS + args.overrides))
 

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stackrec_dist.scenarios import SUMMARY
+from stackrec_dist.scenarios.plan import SUMMARY
 
 METRIC = "valid/ndcg@5"
 

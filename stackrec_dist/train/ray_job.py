@@ -274,7 +274,7 @@ def _run_segment_in_worker(job: JobConfig, segment: dict[str, Any], world: World
     import ray
 
     from stackrec_dist.config import ModelConfig, from_dict
-    from stackrec_dist.growth.coordinator import SegmentStart, run_segment
+    from stackrec_dist.growth.segment import SegmentStart, run_segment
 
     ledger = segment["ledger"]
     # Ask the ledger where to start: after a worker-group restart, stages recorded since the
@@ -314,7 +314,7 @@ def _ledger_actor_class():
             self.ledger = PlanLedger(run_dir, [s.name for s in self.job.plan])
 
         def resume_point(self, segment: list[int]) -> dict[str, Any] | None:
-            from stackrec_dist.growth.coordinator import resume_point
+            from stackrec_dist.growth.segment import resume_point
 
             point = resume_point(self.job, self.ledger, segment)
             if point is None:
@@ -339,7 +339,7 @@ def run_segment_on_ray(cfg: JobConfig, segment: list[int], run_dir: Path, ledger
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from stackrec_dist.growth.coordinator import stage_workers
+    from stackrec_dist.growth.segment import stage_workers
     from stackrec_dist.growth.ledger import fault_injection_env
 
     job = for_workers(cfg)

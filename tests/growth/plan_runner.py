@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from stackrec_dist.config import JobConfig, config_from_dict
-from stackrec_dist.growth.coordinator import Coordinator, StageResult
+from stackrec_dist.growth.coordinator import Coordinator
+from stackrec_dist.growth.segment import StageResult
 from stackrec_dist.models import build_model
 
 

@@ -35,7 +35,7 @@ def plan_job(dataset: str | Path, tmp: Path, name: str = "plan", plan: list[dict
 
 
 if __name__ == "__main__":
-    from stackrec_dist.scenarios import run_plan
+    from stackrec_dist.scenarios.plan import run_plan
 
     dataset, tmp = sys.argv[1], Path(sys.argv[2])
     extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}

@@ -13,7 +13,7 @@ import torch
 from stackrec_dist.growth.ledger import PLAN_STATE, STAGE_MANIFEST, verify_stage_output
 from stackrec_dist.train.checkpoint import open_checkpoint
 from tests.scenarios.ray_plan_runner import plan_job
-from stackrec_dist.scenarios import run_plan
+from stackrec_dist.scenarios.plan import run_plan
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from stackrec_dist.data.prepare import prepare_dataset, read_id_map
 from stackrec_dist.data.storage import open_fs
 from stackrec_dist.growth.ledger import PLAN_STATE, STAGE_MANIFEST, verify_stage_output
 from stackrec_dist.train.checkpoint import open_checkpoint
-from stackrec_dist.scenarios import SUMMARY, run_plan
+from stackrec_dist.scenarios.plan import SUMMARY, run_plan
 
 
 def _prepare(tmp: Path, subset: str) -> str:

@@ -67,9 +67,9 @@ def quickstart_plans(cfg: JobConfig) -> dict[str, JobConfig]:
 
 
 def run_quickstart(cfg: JobConfig) -> int:
-    from stackrec_dist.cli import emit_result, print_metrics_table
+    from stackrec_dist.console import emit_result, print_metrics_table
     from stackrec_dist.data.prepare import prepare_dataset
-    from stackrec_dist.scenarios import plan_session, run_plan
+    from stackrec_dist.scenarios.plan import plan_session, run_plan
     from stackrec_dist.scenarios.report import load_summary, markdown_table
 
     if not _prepared(cfg):
