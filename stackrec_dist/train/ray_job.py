@@ -215,14 +215,37 @@ class RaySink:
             shutil.rmtree(directory, ignore_errors=True)
 
 
-def _quiet_report_lines() -> None:
+class _UserErrorTraceback(logging.Filter):
+    """Drops Ray Train's "Error in training function" traceback when what the function raised is a
+    :class:`~stackrec_dist.errors.StackrecError` (bad input, not a bug): the driver prints it as one
+    line and keeps the traceback in its error log. Any other exception is logged in full."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from stackrec_dist.errors import StackrecError
+
+        text = record.getMessage()
+        if not text.startswith("Error in training function"):
+            return True
+        last = text.strip().splitlines()[-1]
+        names, stack = set(), [StackrecError]
+        while stack:
+            cls = stack.pop()
+            names.add(cls.__name__)
+            stack.extend(cls.__subclasses__())
+        return not any(f"{name}: " in last for name in names)
+
+
+def _quiet_ray_train_logs() -> None:
     """Ray Train logs every report (a whole metrics dict) at INFO through a logger named after its
     module's *file* (ray 2.60, train/v2/_internal/execution/context.py), so RunConfig's
     ``LoggingConfig(log_level=...)``, which filters ``ray.train.*`` loggers, misses it; set that
-    logger's level as LoggingConfig would."""
+    logger's level as LoggingConfig would. And a user-input error raised in a worker is not a
+    traceback for the console (see :class:`_UserErrorTraceback`)."""
+    from ray.train.v2._internal import util
     from ray.train.v2._internal.execution import context
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger(util.__name__).addFilter(_UserErrorTraceback())
 
 
 def _worker_progress():
@@ -242,7 +265,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     job = config_from_dict(config["job"], source="<train_loop_config>")
     options = LoopOptions.from_dict(config.get("options"))
-    _quiet_report_lines()
+    _quiet_ray_train_logs()
     choice = DeviceChoice(config["device"])
     init_state = config.get("init_state")
     if init_state is not None:
