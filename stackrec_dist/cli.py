@@ -9,6 +9,7 @@ from typing import Sequence
 
 from stackrec_dist.config import ConfigError, JobConfig, dump_config, load_config
 from stackrec_dist.console import emit_result, print_metrics_table, report_error
+from stackrec_dist.data.errors import DataError
 from stackrec_dist.errors import StackrecError, unwrap_worker_error
 from stackrec_dist.launch.submit import add_arguments as add_submit_arguments
 
@@ -102,6 +103,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = choice.torch_device()
     batches = iter_eval_batches(cfg.data, args.split, cfg.eval.batch_size)
     metrics = evaluate(model.to(device), batches, cfg.eval.ks, device, max_batches=cfg.eval.max_batches)
+    if metrics["count"] == 0:
+        raise DataError(f"split {args.split!r} has no row to evaluate", path=cfg.data.path)
     print_metrics_table(f"{args.split}: {args.checkpoint} ({which} weights)",
                         {f"{model.cfg.backbone}-{model.cfg.num_blocks}": metrics}, cfg.eval.ks)
     emit_result({f"{args.split}/{k}": v for k, v in metrics.items()})

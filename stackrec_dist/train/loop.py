@@ -38,6 +38,7 @@ from typing import Any, Protocol
 import torch
 
 from stackrec_dist.config import JobConfig, config_to_dict
+from stackrec_dist.data.errors import DataError
 from stackrec_dist.errors import CheckpointError, TrainingError
 from stackrec_dist.train import distributed as D
 from stackrec_dist.train.checkpoint import (
@@ -388,6 +389,8 @@ class TrainLoop:
                                    max_batches=eval_cfg.max_batches)
         total = D.all_reduce_sum(acc.state(), device=self.world.device)
         merged = MetricAccumulator.from_state(total.cpu(), eval_cfg.ks)
+        if merged.count == 0:
+            raise DataError(f"split {split!r} has no row to evaluate", path=self.job.data.path)
         return {**merged.compute(), "count": merged.count}
 
     def best_model(self) -> torch.nn.Module:

@@ -63,3 +63,31 @@ def test_a_checkpoint_of_another_catalogue_is_refused_everywhere(corpus_source, 
                     ["train", "--init", last]):
         res = run_cli(*command, "--config", job, tmp_path=tmp_path)
         assert_one_line(res, CHECKPOINT, "checkpoint", "has a catalogue of", str(other), last)
+
+
+def _empty_split(dataset, split: str) -> None:
+    """Rewrite every shard of ``split`` without rows (schema kept), manifest updated."""
+    import hashlib
+    import json
+
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    info = manifest["splits"][split]
+    for shard in info["shards"]:
+        path = dataset / shard["path"]
+        pq.write_table(pq.read_table(path).slice(0, 0), path)
+        data = path.read_bytes()
+        shard.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), rows=0,
+                     row_groups=pq.ParquetFile(path).metadata.num_row_groups)
+    info["rows"] = 0
+    if info.get("length_histogram"):
+        info["length_histogram"] = {"length": [], "count": []}
+    (dataset / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_an_empty_evaluation_split_ends_in_one_line(dataset, tmp_path, checkpoint):
+    _empty_split(dataset, "test")
+    res = run_cli("evaluate", "--config", str(write_job(tmp_path, dataset)), "--checkpoint", str(checkpoint),
+                  "--split", "test", tmp_path=tmp_path, timeout=60)
+    assert_one_line(res, DATA, "data", "split 'test' has no row to evaluate", str(dataset))
