@@ -104,14 +104,6 @@ class ShardReader:
         shown = self.show(path)
         info = self.shards[shard]
         key = (shown, info.sha256, info.bytes)
-        if self.verify_checksums and key not in _VERIFIED_SHARDS:
-            digest, _ = retrying(lambda: file_digest(self.fs, path), shown, probe=self._probe,
-                                 budget_s=self.retry_s)
-            if digest != info.sha256:
-                raise CorruptFileError(
-                    f"sha256 {digest} != manifest {info.sha256}: the shard was changed after prepare "
-                    "(prepare the dataset again)", path=shown)
-            _VERIFIED_SHARDS.add(key)
 
         def _open() -> pq.ParquetFile:
             f = self.afs.open_input_file(path)
@@ -122,7 +114,18 @@ class ShardReader:
                 raise
 
         try:
+            if self.verify_checksums and key not in _VERIFIED_SHARDS:
+                # Before any row of the shard is used (hashing is the shard's first read).
+                digest, _ = retrying(lambda: file_digest(self.fs, path), shown, probe=self._probe,
+                                     budget_s=self.retry_s)
+                if digest != info.sha256:
+                    raise CorruptFileError(
+                        f"sha256 {digest} != manifest {info.sha256}: the shard was changed after prepare "
+                        "(prepare the dataset again)", path=shown)
+                _VERIFIED_SHARDS.add(key)
             pf = retrying(_open, shown, probe=self._probe, budget_s=self.retry_s)
+        except DataError:
+            raise
         except StorageError as err:
             if isinstance(err.__cause__, FileNotFoundError):
                 self._missing[shard] = MissingShardError("shard listed in the manifest does not exist", path=shown)

@@ -44,7 +44,7 @@ class SplitReader:
 
     def __init__(self, data_cfg: DataConfig, split: str = "train", *, check_timestamps: bool = True,
                  verify_checksums: bool | None = None, prefetch: int = 2, quarantine_dir: str | None = None,
-                 verify_at_start: bool = True) -> None:
+                 verify_at_start: bool = False) -> None:
         self.cfg = data_cfg
         self.split = split
         self.check_timestamps = check_timestamps
@@ -61,6 +61,10 @@ class SplitReader:
         self.quarantine_dir = quarantine_dir or posixpath.join(root, QUARANTINE_DIR, split)
         self._fs = fs
         self._fs_pid = os.getpid()
+        # By default each shard's sha256 (and footer) is checked when this process first opens it,
+        # before any of its rows is used: a changed shard never yields a row, and start-up does not
+        # grow with the data (hashing a whole split before step 1 did: 24 -> 35 s to the first step
+        # from 1M to 10M interactions). ``verify_at_start`` checks the whole split up front instead.
         self.verified_at_start = verify_at_start
         if verify_at_start:
             self.verify_shards()

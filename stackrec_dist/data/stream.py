@@ -50,7 +50,7 @@ class SequenceStream(IterableDataset):
 
     def __init__(self, data_cfg: DataConfig, split: str = "train", rank: int = 0, world_size: int = 1, *,
                  check_timestamps: bool = True, verify_checksums: bool | None = None, prefetch: int = 2,
-                 quarantine_dir: str | None = None, verify_at_start: bool = True) -> None:
+                 quarantine_dir: str | None = None, verify_at_start: bool = False) -> None:
         super().__init__()
         data_cfg.validate()
         if not 0 <= rank < world_size:

@@ -404,15 +404,15 @@ def test_corrupt_same_size_and_checksum(tmp_path):
     data = bytearray(fs.cat_file(path))
     data[-12:-8] = b"\xff\xff\xff\x7f"  # footer length: undecodable
     fs.pipe_file(path, bytes(data))
-    # checksums on (the default): refused before the first batch, naming the shard
+    # checked up front on request: refused before the first batch, naming the shard
     with pytest.raises(CorruptFileError, match=r"part-00001.parquet: sha256 [0-9a-f]+ != manifest"):
-        build_train_loader(cfg_for(uri))
+        build_train_loader(cfg_for(uri), verify_at_start=True)
     # checksums off (data.verify_checksums: false): the footer check still refuses it
     with pytest.raises(CorruptFileError, match=r"part-00001.parquet: not a readable Parquet file"):
-        build_train_loader(cfg_for(uri, verify_checksums=False))
-    # checked on the first read instead of at start
+        build_train_loader(cfg_for(uri, verify_checksums=False), verify_at_start=True)
+    # the default: checked on the shard's first read, before any of its rows is used
     with pytest.raises(CorruptFileError, match=r"part-00001.parquet: sha256 [0-9a-f]+ != manifest"):
-        list(build_train_loader(cfg_for(uri), verify_at_start=False))
+        list(build_train_loader(cfg_for(uri)))
 
 
 def test_row_count_mismatch_vs_manifest(tmp_path):

@@ -25,7 +25,9 @@ def test_shard_changed_in_place_same_size(dataset, tmp_path):
     at = md.row_group(0).column(1).data_page_offset + 20
     data[at] ^= 0xFF  # one byte inside a data page: same size, footer intact
     path.write_bytes(bytes(data))
-    res = run_cli("train", "--config", str(write_job(tmp_path, dataset)), tmp_path=tmp_path)
+    # A whole epoch: shards are verified when first read, and every shard is read in an epoch.
+    job = write_job(tmp_path, dataset, train={"max_steps": 0, "epochs": 1})
+    res = run_cli("train", "--config", str(job), tmp_path=tmp_path)
     assert_one_line(res, DATA, "data", "train/part-00000.parquet", "sha256", "!= manifest")
 
 
@@ -35,7 +37,7 @@ def test_corrupt_footer_with_checksums_off(dataset, tmp_path):
     data = bytearray(path.read_bytes())
     data[-12:-8] = b"\xff\xff\xff\x7f"  # footer length: undecodable, same size
     path.write_bytes(bytes(data))
-    job = write_job(tmp_path, dataset, data={"verify_checksums": False})
+    job = write_job(tmp_path, dataset, data={"verify_checksums": False}, train={"max_steps": 0, "epochs": 1})
     res = run_cli("train", "--config", str(job), tmp_path=tmp_path)
     assert_one_line(res, DATA, "data", "train/part-00000.parquet", "not a readable Parquet file")
 
