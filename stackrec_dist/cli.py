@@ -9,7 +9,6 @@ from typing import Sequence
 
 from stackrec_dist.config import ConfigError, JobConfig, dump_config, load_config
 from stackrec_dist.console import emit_result, print_metrics_table, report_error
-from stackrec_dist.data.errors import DataError
 from stackrec_dist.errors import StackrecError, unwrap_worker_error
 from stackrec_dist.launch.submit import add_arguments as add_submit_arguments
 
@@ -92,19 +91,14 @@ def cmd_grow(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from stackrec_dist.data.eval_stream import iter_eval_batches
-    from stackrec_dist.eval.evaluate import evaluate
+    from stackrec_dist.eval.evaluate import evaluate_split
     from stackrec_dist.train.device import resolve_device
 
     cfg = _load(args)
-    choice = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device).torch_device()
     checkpoint = _checkpoint_meets_dataset(args, cfg)
     model, which = checkpoint.load_model(args.weights)
-    device = choice.torch_device()
-    batches = iter_eval_batches(cfg.data, args.split, cfg.eval.batch_size)
-    metrics = evaluate(model.to(device), batches, cfg.eval.ks, device, max_batches=cfg.eval.max_batches)
-    if metrics["count"] == 0:
-        raise DataError(f"split {args.split!r} has no row to evaluate", path=cfg.data.path)
+    metrics = evaluate_split(model, cfg.data, args.split, cfg.eval, device)
     print_metrics_table(f"{args.split}: {args.checkpoint} ({which} weights)",
                         {f"{model.cfg.backbone}-{model.cfg.num_blocks}": metrics}, cfg.eval.ks)
     emit_result({f"{args.split}/{k}": v for k, v in metrics.items()})

@@ -52,3 +52,18 @@ def evaluate(
     """
     acc = evaluate_accumulator(model, batches, ks, device, max_batches)
     return {**acc.compute(), "count": acc.count}
+
+
+def evaluate_split(model: nn.Module, data_cfg, split: str, eval_cfg, device: torch.device | str,
+                   max_batches: int | None = None) -> dict[str, float]:
+    """:func:`evaluate` over every row of ``split`` of ``data_cfg``'s dataset (one process);
+    ``max_batches`` defaults to ``eval_cfg.max_batches``. A split with no row is a DataError, not NaNs."""
+    from stackrec_dist.data.errors import DataError
+    from stackrec_dist.data.eval_stream import iter_eval_batches
+
+    batches = iter_eval_batches(data_cfg, split, eval_cfg.batch_size)
+    limit = eval_cfg.max_batches if max_batches is None else max_batches
+    metrics = evaluate(model.to(device), batches, eval_cfg.ks, device, max_batches=limit)
+    if metrics["count"] == 0:
+        raise DataError(f"split {split!r} has no row to evaluate", path=data_cfg.path)
+    return metrics

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from stackrec_dist.config import ModelConfig
-from stackrec_dist.train.checkpoint import COMPLETE_MARKER, save_model_checkpoint
+from stackrec_dist.train.checkpoint import save_model_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,3 @@ class PlanLedger:
 
     def reload(self) -> None:
         self.state = PlanState.load(self.run_dir)
-
-
-def is_complete_output(path: Path) -> bool:
-    return (path / COMPLETE_MARKER).exists() and verify_stage_output(path)

@@ -71,8 +71,7 @@ def plan_session(cfg: JobConfig):
 
 
 def run_plan(cfg: JobConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
-    from stackrec_dist.data.eval_stream import iter_eval_batches
-    from stackrec_dist.eval.evaluate import evaluate
+    from stackrec_dist.eval.evaluate import evaluate_split
     from stackrec_dist.train.checkpoint import open_checkpoint
     from stackrec_dist.train.device import resolve_device
 
@@ -86,7 +85,7 @@ def run_plan(cfg: JobConfig, run_dir: str | Path | None = None) -> dict[str, Any
     device = resolve_device(cfg.train.device).torch_device()
     last_train = next(s for s in reversed(cfg.plan) if s.action == "train")
     data = dataclasses.replace(cfg.data, path=last_train.data_path or cfg.data.path)
-    test = evaluate(model.to(device), iter_eval_batches(data, "test", cfg.eval.batch_size), cfg.eval.ks, device)
+    test = evaluate_split(model, data, "test", cfg.eval, device, max_batches=0)  # the final test: every row
     summary = {
         "name": cfg.name,
         "stages": [{"name": r.name, "action": r.action, "blocks": r.blocks, "elapsed_s": r.elapsed_s,

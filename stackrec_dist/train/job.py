@@ -57,8 +57,7 @@ def _train_here(cfg: JobConfig, init_state, resume: bool):
 
 
 def _train_on_ray(cfg: JobConfig, init_state):
-    from stackrec_dist.data.eval_stream import iter_eval_batches
-    from stackrec_dist.eval.evaluate import evaluate
+    from stackrec_dist.eval.evaluate import evaluate_split
     from stackrec_dist.train.device import resolve_device
     from stackrec_dist.train.ray_job import fit_distributed, local_checkpoint_dir
 
@@ -71,8 +70,7 @@ def _train_on_ray(cfg: JobConfig, init_state):
                               {"step": checkpoint.train_state.get("best_step", 0)})
     model, _ = checkpoint.load_model("best")
     device = resolve_device(cfg.train.device).torch_device()
-    test = evaluate(model.to(device), iter_eval_batches(cfg.data, "test", cfg.eval.batch_size), cfg.eval.ks, device,
-                    max_batches=cfg.eval.max_batches)
+    test = evaluate_split(model, cfg.data, "test", cfg.eval, device)
     keys = ("steps", "epochs", "step", "epoch", "best_valid_ndcg@5", "best_step", "train/loss")
     summary = {k: v for k, v in (result.metrics or {}).items() if k in keys}
     summary.setdefault("steps", checkpoint.step)

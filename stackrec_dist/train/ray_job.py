@@ -177,6 +177,13 @@ def _fit(trainer) -> Any:
 # -- the checkpoint sink of a Ray worker -------------------------------------------------------
 
 
+# True once this worker process has reported a checkpoint. From then on ``get_checkpoint()`` is
+# this process's own last report, of a stage that has already finished: a later stage of the same
+# worker group never resumes from it, so it is not downloaded again at every in-place growth.
+# A worker group Ray restarts runs in new processes, which restore from storage as they should.
+_REPORTED_HERE = False
+
+
 class RaySink:
     """Checkpoints through ``ray.train.report``: every rank writes its parts into a local directory,
     Ray merges the ranks' directories into one checkpoint in storage and keeps the latest ones."""
@@ -186,17 +193,15 @@ class RaySink:
         # Block after each report until Ray's controller has registered it (it polls workers
         # every 2 s): a worker dying inside that window would lose the checkpoint.
         self.wait_for_commit = wait_for_commit
-        self._restored: Path | None = None
 
     def latest(self) -> Checkpoint | None:
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = None if _REPORTED_HERE else ray.train.get_checkpoint()
         if checkpoint is None:
             return None
         local = Path(tempfile.mkdtemp(prefix="stackrec-restore-"))
         checkpoint.to_directory(str(local))
-        self._restored = local
         return open_checkpoint(local) if (local / COMPLETE_MARKER).exists() else None
 
     def save(self, loop: TrainLoop, metrics: dict[str, Any]) -> None:
@@ -209,6 +214,8 @@ class RaySink:
                 (directory / COMPLETE_MARKER).write_text("ok\n")
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
                              checkpoint_dir_name=f"checkpoint-{self.stage}-step{loop.state.step:08d}")
+            global _REPORTED_HERE
+            _REPORTED_HERE = True
             if self.wait_for_commit and hasattr(ray.train, "get_all_reported_checkpoints"):  # Train V2
                 ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         finally:
