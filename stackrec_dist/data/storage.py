@@ -238,6 +238,7 @@ def retrying(
     max_delay: float = 4.0,
     probe: Callable[[], Any] | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> T:
     """Call ``fn()``; retry transient failures with exponential back-off and full jitter.
 
@@ -246,21 +247,26 @@ def retrying(
     one is retried until ``budget_s`` seconds have passed since the first failure (default
     :data:`DEFAULT_RETRY_S`, the ``data.storage_retry_s`` setting) or ``attempts`` tries were made,
     whichever comes first, then raises it. The time counted (from the first try) is the larger of
-    the wall clock and the back-off slept; the last try may run past the budget by its own length
-    (about 1.3 s on a refused connection: botocore's two attempts). ``probe``: called when ``fn`` raised FileNotFoundError; if the probe itself
+    the wall clock and the back-off slept. A new try is started only if it can end inside the
+    budget, judged by the longest try so far (about 1.3 s on a refused connection: botocore's own
+    two attempts), so the error comes within the budget unless a try suddenly takes longer than
+    every earlier one. ``probe``: called when ``fn`` raised FileNotFoundError; if the probe itself
     fails the server is unreachable and the error is treated as transient (s3fs can report a dead
     endpoint as a missing key).
     """
     budget = DEFAULT_RETRY_S if budget_s is None else max(0.0, float(budget_s))
     delay = base_delay
     attempt = 0
-    start = time.monotonic()
+    start = clock()
     slept = 0.0
+    longest_try = 0.0
     while True:
         attempt += 1
+        try_start = clock()
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below
+            longest_try = max(longest_try, clock() - try_start)
             transient = is_transient(exc)
             if not transient and probe is not None and isinstance(exc, FileNotFoundError):
                 try:
@@ -271,13 +277,13 @@ def retrying(
                 if isinstance(exc, StorageError) or not isinstance(exc, OSError) and not _is_boto(exc):
                     raise
                 raise StorageError(f"{what}: {_describe(exc)} (permanent, not retried)", path=what) from exc
-            spent = max(time.monotonic() - start, slept)
-            if (attempts is not None and attempt >= attempts) or spent >= budget:
+            spent = max(clock() - start, slept)
+            if (attempts is not None and attempt >= attempts) or spent + longest_try >= budget:
                 raise StorageError(
                     f"{what}: {_describe(exc)} (still failing after {attempt} attempts over {spent:.1f} s; "
                     f"data.storage_retry_s = {budget:g})", path=what, transient=True
                 ) from exc
-            pause = min(random.uniform(0, delay), budget - spent)
+            pause = min(random.uniform(0, delay), budget - spent - longest_try)
             sleep(pause)
             slept += max(pause, 0.0)
             delay = min(max_delay, delay * 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 import threading
 import time
 import uuid
@@ -110,6 +111,25 @@ def test_retrying_bounded_and_permanent_at_once():
     # a data error is not an I/O error: re-raised unchanged
     with pytest.raises(ValueError, match="bad row"):
         retrying(lambda: (_ for _ in ()).throw(ValueError("bad row")), "x")
+
+
+def test_retrying_gives_up_inside_its_budget():
+    # a fake clock: every try takes 1.3 s (botocore's own attempts on a refused connection)
+    now = [0.0]
+    ends = []
+
+    def refused():
+        now[0] += 1.3
+        ends.append(now[0])
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "refused")
+
+    def sleep(s):
+        now[0] += s
+
+    with pytest.raises(StorageError, match=r"still failing after \d+ attempts over ([\d.]+) s") as info:
+        retrying(refused, "s3://b/k", budget_s=10, sleep=sleep, clock=lambda: now[0])
+    assert len(ends) > 3 and ends[-1] <= 10  # no try was started that could not end inside the budget
+    assert float(re.search(r"over ([\d.]+) s", str(info.value)).group(1)) <= 10
 
 
 def test_retrying_missing_key_during_outage_is_transient():

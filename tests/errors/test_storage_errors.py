@@ -28,9 +28,11 @@ def test_dead_s3_endpoint_fails_fast(tmp_path):
     line = assert_one_line(res, STORAGE, "storage", "s3://bucket/ds/manifest.json", "Could not connect",
                            "data.storage_retry_s = 10")
     retried_s = float(re.search(r"over ([\d.]+) s", line).group(1))
-    assert retried_s < 12, line  # the budget, plus at most the last try
-    # Python + torch start-up is the rest; generous for a loaded 2-core CI machine.
-    assert res.wall_s < 25, res.wall_s
+    # No try starts that could not end inside the budget (tests/data/test_storage.py proves it on a
+    # fake clock); a loaded machine may still stretch one try, hence the slack. The bound is
+    # "about 15 s, not 1-2 minutes": Python + torch start-up is the rest of the wall-clock.
+    assert retried_s < 15, line
+    assert res.wall_s < 40, res.wall_s
 
 
 def test_data_path_is_a_file(tmp_path, checkpoint):
