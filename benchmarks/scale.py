@@ -144,7 +144,8 @@ def run_size(n: int, args: argparse.Namespace, server, work: Path) -> dict:
     cfg = work / f"scale-{n}.yaml"
     _config(cfg, n, args, opts, server.bucket, work)
     cli = [sys.executable, "-m", "stackrec_dist.cli"]
-    rc, _, wall, rss = _child(cli + ["prepare", "--config", str(cfg)], env, work / f"prepare-{n}.log")
+    overrides = [a for kv in args.set for a in ("--set", kv)]
+    rc, _, wall, rss = _child(cli + ["prepare", "--config", str(cfg), *overrides], env, work / f"prepare-{n}.log")
     if rc != 0:
         raise SystemExit(f"prepare failed (exit {rc}); log: {work / f'prepare-{n}.log'}")
     out.update(prepare_s=wall, prepare_rss_mb=rss)
@@ -163,7 +164,7 @@ def run_size(n: int, args: argparse.Namespace, server, work: Path) -> dict:
     probe.unlink(missing_ok=True)
     for stale in (work / f"ray-{n}", work / f"ckpt-{n}"):  # or Ray resumes the previous run's checkpoint
         shutil.rmtree(stale, ignore_errors=True)
-    rc, start, wall, _ = _child(cli + ["train", "--config", str(cfg)], {**env, "STACKREC_STEP_TIMES_FILE": str(probe)},
+    rc, start, wall, _ = _child(cli + ["train", "--config", str(cfg), *overrides], {**env, "STACKREC_STEP_TIMES_FILE": str(probe)},
                                 work / f"train-{n}.log")
     if rc != 0 or not probe.exists():
         raise SystemExit(f"train failed (exit {rc}, probe file {'present' if probe.exists() else 'missing'}); "
@@ -245,6 +246,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--read-seconds", type=float, default=30.0)
     ap.add_argument("--work-dir", default="", help="logs, configs, SeaweedFS data (default: a temp dir)")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for the prepare and train commands (repeatable)")
     args = ap.parse_args(argv)
 
     from tests.fixtures.seaweed import start_seaweed

@@ -169,9 +169,9 @@ class DataConfig:
         "Write bad rows aside (and count them) instead of failing on the first one.", default=False
     )
     verify_checksums: bool = _doc(
-        "Check every shard's sha256 against the manifest before the first batch, once per shard and "
-        "process (reads it once more: about 1.1 s per GiB on local disk, docs/data.md). Sizes and "
-        "footers are always checked.",
+        "Check each shard's footer sha256 against the manifest on its first read (one small ranged "
+        "read) and every Parquet page's CRC32 as it is read (no extra I/O; docs/data.md). Sizes, "
+        "footers and row counts are always checked.",
         default=True,
     )
     storage_retry_s: float = _doc(

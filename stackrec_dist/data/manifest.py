@@ -65,6 +65,11 @@ class ShardInfo:
     row_groups: int
     sha256: str
     bytes: int
+    # sha256 of the shard's last ``footer_bytes`` bytes (Parquet footer, its length, magic),
+    # checked on each shard's first read; the pages carry CRC32s checked on every read. None in
+    # datasets prepared before page checksums: the whole shard is hashed on first read instead.
+    footer_sha256: str | None = None
+    footer_bytes: int = 0
 
 
 @dataclass
@@ -113,6 +118,14 @@ class Manifest:
 
     def shard_paths(self, split: str) -> list[str]:
         return [s.path for s in self.splits[split].shards]
+
+
+def shard_checksums(data: bytes) -> dict[str, Any]:
+    """The manifest's integrity fields of a whole Parquet file's bytes (``bytes``, ``sha256``,
+    ``footer_sha256``, ``footer_bytes``), for tools that rewrite a shard outside ``prepare``."""
+    footer = int.from_bytes(data[-8:-4], "little") + 8  # the footer, its length, the magic
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "footer_sha256": hashlib.sha256(data[-footer:]).hexdigest(), "footer_bytes": footer}
 
 
 def file_digest(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 1 << 20) -> tuple[str, int]:
@@ -166,6 +179,10 @@ def _need(raw: dict[str, Any], key: str, types: type | tuple[type, ...], where: 
     return value
 
 
+def _optional(raw: dict[str, Any], key: str, types: type | tuple[type, ...], where: str, mpath: str) -> Any:
+    return _need(raw, key, types, where, mpath) if raw.get(key) is not None else None
+
+
 def manifest_from_dict(raw: Any, mpath: str = MANIFEST_NAME) -> Manifest:
     """Validate a decoded manifest; errors name the manifest path and the dotted field."""
     if not isinstance(raw, dict):
@@ -202,6 +219,8 @@ def manifest_from_dict(raw: Any, mpath: str = MANIFEST_NAME) -> Manifest:
                     row_groups=_need(shraw, "row_groups", int, w, mpath),
                     sha256=_need(shraw, "sha256", str, w, mpath),
                     bytes=_need(shraw, "bytes", int, w, mpath),
+                    footer_sha256=_optional(shraw, "footer_sha256", str, w, mpath),
+                    footer_bytes=_optional(shraw, "footer_bytes", int, w, mpath) or 0,
                 )
             )
         total = sum(s.rows for s in shards)

@@ -94,8 +94,8 @@ def iter_row_lengths(data_cfg: DataConfig, split: str = "train") -> Iterator[np.
     """Items per row of ``split``, one int64 array per row group in manifest order.
 
     For counting windows before training (``pieces_per_row``): reads only ``item_ids``, through the
-    validating reader, so shards are checked as for training (sizes, sha256 when
-    ``data.verify_checksums``, footers) and a null sequence is a DataError naming file, row group,
+    validating reader, so shards are checked as for training (sizes, footers, footer sha256 and
+    page checksums when ``data.verify_checksums``) and a null sequence is a DataError naming file, row group,
     row and field. With ``data.quarantine`` a null row counts 0 items and an undecodable row group
     none, as the reader sets them aside.
     """
@@ -105,7 +105,7 @@ def iter_row_lengths(data_cfg: DataConfig, split: str = "train") -> Iterator[np.
     units = split_units(manifest, root, split)
     verify_shards(fs, root, manifest, split, verify_checksums=data_cfg.verify_checksums,
                   retry_s=data_cfg.storage_retry_s)
-    reader = ShardReader(fs, root, manifest, split, check_timestamps=False, verify_checksums=False,
+    reader = ShardReader(fs, root, manifest, split, check_timestamps=False, verify_checksums=data_cfg.verify_checksums,
                          retry_s=data_cfg.storage_retry_s)
     for unit in units:
         try:

@@ -1,5 +1,6 @@
 """Shard I/O of a prepared split: units (row groups) in manifest order, opening shards with retries,
-checking them against the manifest (sha256, footer), reading row groups.
+checking them against the manifest (footer sha256, row counts), reading row groups (page CRC32s
+checked on every read).
 
 The unit of work of every reader is one row group of one shard, numbered in manifest order (shard 0
 row group 0 = unit 0, ...). Readers open exactly the shards the manifest lists; storage failures
@@ -108,20 +109,15 @@ class ShardReader:
         def _open() -> pq.ParquetFile:
             f = self.afs.open_input_file(path)
             try:
-                return pq.ParquetFile(f, pre_buffer=self.pre_buffer)
+                return pq.ParquetFile(f, pre_buffer=self.pre_buffer,
+                                      page_checksum_verification=self.verify_checksums)
             except Exception:
                 f.close()
                 raise
 
         try:
             if self.verify_checksums and key not in _VERIFIED_SHARDS:
-                # Before any row of the shard is used (hashing is the shard's first read).
-                digest, _ = retrying(lambda: file_digest(self.fs, path), shown, probe=self._probe,
-                                     budget_s=self.retry_s)
-                if digest != info.sha256:
-                    raise CorruptFileError(
-                        f"sha256 {digest} != manifest {info.sha256}: the shard was changed after prepare "
-                        "(prepare the dataset again)", path=shown)
+                self._check_digest(path, shown, info)  # before any row of the shard is used
                 _VERIFIED_SHARDS.add(key)
             pf = retrying(_open, shown, probe=self._probe, budget_s=self.retry_s)
         except DataError:
@@ -152,6 +148,22 @@ class ShardReader:
                 pass
         return pf
 
+    def _check_digest(self, path: str, shown: str, info: Any) -> None:
+        """The shard's footer (or, for datasets prepared before page checksums, its whole bytes)
+        against the manifest's sha256: a shard rewritten after prepare is refused by name."""
+        if info.footer_sha256:
+            start = info.bytes - info.footer_bytes
+            tail = retrying(lambda: self.fs.cat_file(path, start=start, end=info.bytes), shown, probe=self._probe,
+                            budget_s=self.retry_s)
+            digest, want, what = hashlib.sha256(tail).hexdigest(), info.footer_sha256, "footer sha256"
+        else:
+            digest, _ = retrying(lambda: file_digest(self.fs, path), shown, probe=self._probe, budget_s=self.retry_s)
+            want, what = info.sha256, "sha256"
+        if digest != want:
+            raise CorruptFileError(
+                f"{what} {digest} != manifest {want}: the shard was changed after prepare "
+                "(prepare the dataset again)", path=shown)
+
     def drop(self, shard: int) -> None:
         self._open.pop(shard, None)
 
@@ -170,6 +182,10 @@ class ShardReader:
         try:
             return retrying(_read, what, probe=self._probe, budget_s=self.retry_s)
         except StorageError as err:
+            if _undecodable(err) and "CRC checksum" in str(err.__cause__):
+                raise CorruptFileError(
+                    f"page checksum mismatch ({err.__cause__}): the shard was changed or damaged after prepare "
+                    "(prepare the dataset again)", path=shown, row_group=unit.row_group) from err
             if _undecodable(err):
                 raise CorruptFileError(f"cannot decode: {err.__cause__}", path=shown, row_group=unit.row_group) from err
             raise
@@ -185,7 +201,7 @@ class ShardReader:
             return 0
 
 
-# Shards whose sha256 matched the manifest, and whose footer matched it, in this process:
+# Shards whose footer (or whole-shard) sha256 matched the manifest, and whose decoded footer matched it, in this process:
 # (shown path, sha256, bytes). Checked once per process (verify_shards, or the
 # first read with verify_at_start=False), not on every epoch or validation.
 _VERIFIED_SHARDS: set[tuple[str, str, int]] = set()
@@ -202,8 +218,8 @@ def _undecodable(err: StorageError) -> bool:
 
 def verify_shards(fs: Any, root: str, manifest: Manifest, split: str, *, verify_checksums: bool,
                   retry_s: float | None) -> None:
-    """Check every shard of ``split`` before any batch: sha256 against the manifest (when
-    ``verify_checksums``; reads each shard once), then the footer: decodable, schema, row and
+    """Check every shard of ``split`` before any batch: the footer's sha256 against the manifest
+    (when ``verify_checksums``; one small ranged read per shard), then the footer: decodable, schema, row and
     row group counts as in the manifest. Raises CorruptFileError / SchemaError naming the shard.
     Done once per shard and process (evaluation builds a reader per validation)."""
     reader = ShardReader(fs, root, manifest, split, check_timestamps=False, verify_checksums=verify_checksums,

@@ -17,7 +17,7 @@ import torch
 
 from stackrec_dist.config import DataConfig
 from stackrec_dist.data.errors import CorruptFileError, DataError, ManifestError, MissingShardError, SchemaError
-from stackrec_dist.data.manifest import Manifest, ShardInfo, SplitInfo, write_manifest
+from stackrec_dist.data.manifest import Manifest, ShardInfo, SplitInfo, shard_checksums, write_manifest
 from stackrec_dist.data.storage import StorageError, open_fs
 from stackrec_dist.data.cursor import merge_cursors
 from stackrec_dist.data.eval_stream import iter_eval_batches
@@ -52,11 +52,11 @@ def write_dataset(uri, splits, *, num_items, row_group_size=8, storage_options=N
             rel = f"{split}/part-{i:05d}.parquet"
             path = posixpath.join(root, rel)
             fs.makedirs(posixpath.dirname(path), exist_ok=True)
-            with fs.open(path, "wb") as f:
-                pq.write_table(table, f, row_group_size=row_group_size)
+            with fs.open(path, "wb") as f:  # as prepare writes them: a CRC32 per page
+                pq.write_table(table, f, row_group_size=row_group_size, write_page_checksum=True)
             data = fs.cat_file(path)
             md = pq.ParquetFile(pa.BufferReader(data)).metadata
-            out.append(ShardInfo(rel, md.num_rows, md.num_row_groups, hashlib.sha256(data).hexdigest(), len(data)))
+            out.append(ShardInfo(rel, md.num_rows, md.num_row_groups, **shard_checksums(data)))
         infos[split] = SplitInfo(sum(s.rows for s in out), out)
     write_manifest(fs, root, Manifest(1, num_items, 0, "synthetic", infos))
     return fs, root
@@ -405,12 +405,61 @@ def test_corrupt_same_size_and_checksum(tmp_path):
     data[-12:-8] = b"\xff\xff\xff\x7f"  # footer length: undecodable
     fs.pipe_file(path, bytes(data))
     # checked up front on request: refused before the first batch, naming the shard
-    with pytest.raises(CorruptFileError, match=r"part-00001.parquet: sha256 [0-9a-f]+ != manifest"):
+    with pytest.raises(CorruptFileError, match=r"part-00001.parquet: footer sha256 [0-9a-f]+ != manifest"):
         build_train_loader(cfg_for(uri), verify_at_start=True)
     # checksums off (data.verify_checksums: false): the footer check still refuses it
     with pytest.raises(CorruptFileError, match=r"part-00001.parquet: not a readable Parquet file"):
         build_train_loader(cfg_for(uri, verify_checksums=False), verify_at_start=True)
     # the default: checked on the shard's first read, before any of its rows is used
+    with pytest.raises(CorruptFileError, match=r"part-00001.parquet: footer sha256 [0-9a-f]+ != manifest"):
+        list(build_train_loader(cfg_for(uri)))
+
+
+def _flip_page_byte(fs, path: str, row_group: int = 0) -> None:
+    """One byte inside the last data page of ``row_group``'s item ids: same size, footer intact."""
+    data = bytearray(fs.cat_file(path))
+    col = pq.ParquetFile(path).metadata.row_group(row_group).column(1)
+    at = col.data_page_offset + col.total_compressed_size - 3  # page data, past the page header
+    data[at] ^= 0xFF
+    fs.pipe_file(path, bytes(data))
+
+
+def test_changed_page_fails_its_row_group_by_checksum(tmp_path):
+    seqs = [[int(x) for x in np.arange(1, 40) % 49 + 1] for _ in range(8)]
+    uri = str(tmp_path / "crc")
+    fs, root = write_dataset(uri, {"train": [seqs]}, num_items=50, row_group_size=4)
+    path = f"{root}/train/part-00000.parquet"
+    _flip_page_byte(fs, path, row_group=1)
+    # the footer is intact: refused when the changed page is read, before any of its rows is used
+    with pytest.raises(CorruptFileError, match=r"part-00000.parquet row group 1: page checksum mismatch .*CRC"):
+        list(build_train_loader(cfg_for(uri)))
+    # with the checksums off the changed byte is decoded as data: what the CRCs are for
+    got = list(build_train_loader(cfg_for(uri, verify_checksums=False)))
+    assert sum(int((b["targets"] > 0).sum()) for b in got) == 8 * 38
+
+
+def test_first_read_checks_the_footer_not_the_whole_shard(tmp_path, monkeypatch):
+    import stackrec_dist.data.shards as shards
+
+    uri = _bad_dataset(tmp_path, [[1, 2]])
+
+    def whole_shard_read(*a, **kw):
+        raise AssertionError("a whole shard was hashed")
+
+    monkeypatch.setattr(shards, "file_digest", whole_shard_read)
+    assert list(build_train_loader(cfg_for(uri)))
+
+
+def test_dataset_without_footer_digests_hashes_whole_shards(tmp_path):
+    import json
+
+    uri = _bad_dataset(tmp_path, [[1, 2]])
+    fs, root = open_fs(uri)
+    m = json.loads(fs.cat_file(f"{root}/manifest.json"))
+    for shard in m["splits"]["train"]["shards"]:  # as written before page checksums existed
+        del shard["footer_sha256"], shard["footer_bytes"]
+    fs.pipe_file(f"{root}/manifest.json", json.dumps(m).encode())
+    _flip_page_byte(fs, f"{root}/train/part-00001.parquet")
     with pytest.raises(CorruptFileError, match=r"part-00001.parquet: sha256 [0-9a-f]+ != manifest"):
         list(build_train_loader(cfg_for(uri)))
 
@@ -441,8 +490,8 @@ def test_undecodable_row_group(tmp_path):
     lo = col.data_page_offset
     data[lo + 5: lo + 40] = b"\x00" * 35  # smash the second row group's page header/data
     fs.pipe_file(path, bytes(data))
-    # The manifest's sha256 would refuse the shard at start: this is about data that was corrupt
-    # when written (or a dataset read with data.verify_checksums off).
+    # The page checksums would refuse the row group: this is about data that was corrupt when
+    # written (or a dataset read with data.verify_checksums off).
     with pytest.raises(CorruptFileError, match=r"part-00000.parquet row group 1: cannot decode"):
         list(build_train_loader(cfg_for(uri, verify_checksums=False)))
     ld = build_train_loader(cfg_for(uri, quarantine=True, verify_checksums=False))

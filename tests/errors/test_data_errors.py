@@ -22,13 +22,15 @@ def test_shard_changed_in_place_same_size(dataset, tmp_path):
     path = _shard(dataset)
     data = bytearray(path.read_bytes())
     md = pq.ParquetFile(path).metadata
-    at = md.row_group(0).column(1).data_page_offset + 20
-    data[at] ^= 0xFF  # one byte inside a data page: same size, footer intact
+    col = md.row_group(0).column(1)
+    at = col.data_page_offset + col.total_compressed_size - 3
+    data[at] ^= 0xFF  # one byte of a data page's data (past its header): same size, footer intact
     path.write_bytes(bytes(data))
-    # A whole epoch: shards are verified when first read, and every shard is read in an epoch.
+    # A whole epoch: every page is read in an epoch, and its CRC32 checked as it is read.
     job = write_job(tmp_path, dataset, train={"max_steps": 0, "epochs": 1})
     res = run_cli("train", "--config", str(job), tmp_path=tmp_path)
-    assert_one_line(res, DATA, "data", "train/part-00000.parquet", "sha256", "!= manifest")
+    assert_one_line(res, DATA, "data", "train/part-00000.parquet row group 0", "page checksum mismatch",
+                    "changed or damaged after prepare")
 
 
 @pytest.mark.slow  # a training start-up in a subprocess: about 5 s
@@ -56,8 +58,8 @@ def test_missing_shard(dataset, tmp_path):
 
 
 def _put_null_sequence(dataset, split: str, row: int) -> None:
-    """Rewrite one shard with a null ``item_ids`` in ``row``, manifest updated (size, sha256)."""
-    import hashlib
+    """Rewrite one shard with a null ``item_ids`` in ``row``, manifest updated (size, checksums)."""
+    from stackrec_dist.data.manifest import shard_checksums
 
     path = _shard(dataset, split)
     table = pq.read_table(path)
@@ -65,13 +67,11 @@ def _put_null_sequence(dataset, split: str, row: int) -> None:
     items[row] = None
     table = table.set_column(table.schema.get_field_index("item_ids"),
                              pa.field("item_ids", pa.list_(pa.int32())), pa.array(items, pa.list_(pa.int32())))
-    pq.write_table(table, path, row_group_size=64)
+    pq.write_table(table, path, row_group_size=64, write_page_checksum=True)
     manifest = json.loads((dataset / "manifest.json").read_text())
     for shard in manifest["splits"][split]["shards"]:
         if shard["path"] == f"{split}/{path.name}":
-            data = path.read_bytes()
-            shard["bytes"] = len(data)
-            shard["sha256"] = hashlib.sha256(data).hexdigest()
+            shard.update(shard_checksums(path.read_bytes()))
             shard["row_groups"] = pq.ParquetFile(path).metadata.num_row_groups
     (dataset / "manifest.json").write_text(json.dumps(manifest))
 

@@ -67,18 +67,18 @@ def test_a_checkpoint_of_another_catalogue_is_refused_everywhere(corpus_source, 
 
 def _empty_split(dataset, split: str) -> None:
     """Rewrite every shard of ``split`` without rows (schema kept), manifest updated."""
-    import hashlib
     import json
 
     import pyarrow.parquet as pq
+
+    from stackrec_dist.data.manifest import shard_checksums
 
     manifest = json.loads((dataset / "manifest.json").read_text())
     info = manifest["splits"][split]
     for shard in info["shards"]:
         path = dataset / shard["path"]
         pq.write_table(pq.read_table(path).slice(0, 0), path)
-        data = path.read_bytes()
-        shard.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), rows=0,
+        shard.update(**shard_checksums(path.read_bytes()), rows=0,
                      row_groups=pq.ParquetFile(path).metadata.num_row_groups)
     info["rows"] = 0
     if info.get("length_histogram"):
