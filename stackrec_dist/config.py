@@ -203,7 +203,11 @@ class PrepareConfig:
         default="leave_last_out",
     )
     held_out_fraction: float = _doc("Fraction of users for valid and test each (held_out).", default=0.1)
-    min_sequence_length: int = _doc("Drop users with fewer interactions (counted, reported).", default=3)
+    min_sequence_length: int = _doc(
+        "Drop users with fewer interactions (counted, reported). With user_core/item_core on, a "
+        "user needs max(min_sequence_length, user_core) interactions inside the k-core loop.",
+        default=3,
+    )
     time_slices: int = _doc("CL scenario: also write D1, D1+D2, ... cumulative slices by time.", default=0)
     num_shards: int = _doc("Output shards per split.", default=4)
     row_group_size: int = _doc("Sequences per Parquet row group.", default=4096)
@@ -227,6 +231,20 @@ class PrepareConfig:
     target_user_fraction: float = _doc(
         "Fraction of users in the target domain (user_subset source/target), in (0, 1).", default=0.2
     )
+    min_rating: float | None = _doc(
+        "Drop raw rows whose rating_column value is < min_rating before any other filter (counted "
+        "as rows_below_min_rating, not as bad rows); null = no rating filter, the column is not read. "
+        "A null or non-numeric rating is a bad row.",
+        default=None,
+    )
+    rating_column: str = _doc("Raw log column holding the rating (read only when min_rating is set).", default="rating")
+    user_core: int = _doc(
+        "k-core on users (0 = off): repeatedly drop users with fewer than max(min_sequence_length, "
+        "user_core) interactions and items with fewer than item_core, counting only surviving rows, "
+        "until nothing changes (docs/data.md, Rating and k-core filters).",
+        default=0,
+    )
+    item_core: int = _doc("k-core on items (0 = off): see user_core.", default=0)
 
     def validate(self, prefix: str = "prepare") -> None:
         _check(
@@ -246,6 +264,23 @@ class PrepareConfig:
         _check(self.num_shards >= 1, f"{prefix}.num_shards", "must be >= 1", self.num_shards)
         _check(self.row_group_size >= 1, f"{prefix}.row_group_size", "must be >= 1", self.row_group_size)
         _check(self.time_slices >= 0, f"{prefix}.time_slices", "must be >= 0", self.time_slices)
+        _check(
+            self.min_rating is None
+            or (isinstance(self.min_rating, (int, float)) and not isinstance(self.min_rating, bool)
+                and math.isfinite(self.min_rating)),
+            f"{prefix}.min_rating",
+            "must be a finite number or null",
+            self.min_rating,
+        )
+        _check(
+            self.min_rating is None
+            or self.rating_column not in ("", self.user_column, self.item_column, self.timestamp_column),
+            f"{prefix}.rating_column",
+            "must be a column name other than user_column, item_column and timestamp_column",
+            self.rating_column,
+        )
+        _check(self.user_core >= 0, f"{prefix}.user_core", "must be >= 0 (0 = off)", self.user_core)
+        _check(self.item_core >= 0, f"{prefix}.item_core", "must be >= 0 (0 = off)", self.item_core)
 
 
 @dataclass

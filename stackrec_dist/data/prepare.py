@@ -4,11 +4,12 @@ Deterministic and bounded in memory:
 
 * Pass 1 streams the raw batches and spills ``(user, item, timestamp, user hash)`` rows, ids as
   the original strings, to local Arrow IPC bucket files by a fixed 64-bit hash of the user's
-  original id (bucket = top bits of the hash). No vocabulary is built: nothing in memory grows
-  with the number of distinct ids.
-* Pass A reads one bucket at a time (all of a user's rows are in one bucket): interactions per
-  user, who is kept (>= min_sequence_length interactions, in the domain), the items long-enough
-  users touch; each bucket's kept users and touched items go to :class:`vocab.SortedIds`.
+  original id (bucket = top bits of the hash); rows below ``min_rating`` are left out here. No
+  vocabulary is built: nothing in memory grows with the number of distinct ids.
+* Pass A reads one bucket at a time (all of a user's rows are in one bucket): with the k-core
+  on, first the k-core loop (below), then the census: interactions per user, which rows survive,
+  who is kept (alive, in the domain), the items of the surviving rows; each bucket's kept users
+  and touched items go to :class:`vocab.SortedIds`.
 * Final ids: kept users get dense ids 0..U-1 and the items they touch dense ids 1..V-1, both in
   sorted original-id order (numeric when every id is an integer, else by string); 0 is the pad
   item. ``SortedIds`` computes them as global ranks by an external range-partitioned sort
@@ -25,9 +26,9 @@ is the same whatever the number of buckets or partitions (i.e. whatever ``memory
 users come out in a random-looking, seed-independent order, which spreads them across shards.
 
 ``memory_limit_mb`` bounds the interactions held (pass A and 2) and the ids being sorted; what
-grows with the number of distinct ids lives in the spill directory. Resident memory measured
-flat from 60k to 240k distinct users (and 180k to 720k items) at a 16 MB bound
-(tests/data/test_prepare.py::test_memory_bound_with_many_distinct_ids).
+grows with the number of distinct ids lives in the spill directory (except the k-core's item
+counts, below). Resident memory measured flat from 60k to 240k distinct users (and 180k to 720k
+items) at a 16 MB bound (tests/data/test_prepare.py::test_memory_bound_with_many_distinct_ids).
 
 Time slices (CL, ``time_slices = T > 0``): with N the number of interactions of kept users, the
 boundary b_k (k = 1..T-1) is the ceil(k*N/T)-th smallest of their timestamps (exact, found by
@@ -45,6 +46,25 @@ id map is the one ``user_subset = all`` builds (items touched by any user with
 >= ``min_sequence_length`` interactions), so source, target and all share item ids and
 ``num_items``; users get dense ids 0..U-1 within their domain. The domain is one bool per user,
 computed in pass A: memory stays bounded as above, and the output is deterministic.
+
+Filters (RecBole's ``val_interval`` and ``user/item_inter_num_interval``; docs/data.md): first
+``min_rating`` drops raw rows whose ``rating_column`` is < min_rating (pass 1; counted as
+``rows_below_min_rating``, not as bad rows; a null or non-numeric rating is a bad row). Then, with
+``user_core`` or ``item_core`` > 0, k-core filtering until stable (:func:`_core_filter`): each pass
+re-reads the spill buckets one at a time, counts per user (per bucket) and per item (global) the
+surviving rows, and removes users with fewer than ``max(min_sequence_length, user_core)`` and
+items with fewer than ``item_core`` of them, until a pass removes nothing. ``min_sequence_length``
+thus keeps its meaning (a kept user has at least that many interactions) and is the user threshold
+inside the loop. The k-core runs over every user before the domain split, so domains still share
+one item id map; only surviving items get ids (num_items = surviving items + pad), and pass 2
+writes only surviving rows. The per-user state stays per bucket (an alive mask on local disk);
+the per-item counts are one Arrow table (item id string, int64 count) in memory: about 40 bytes
+per distinct item between passes (counts and the surviving ids, for ~13-character ids) and about
+180 at the peak (merging per-bucket counts with Arrow's group_by, is_in's hash set of the
+surviving ids): 330 MB of Arrow pool for 1.9M distinct items, measured. The surviving set is the
+largest in which every user and item meets its threshold: it does not depend on the order of
+removal or the number of buckets, so the output stays byte-identical whatever
+``memory_limit_mb``.
 """
 
 from __future__ import annotations
@@ -57,7 +77,7 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import fsspec
@@ -108,6 +128,7 @@ class PrepareReport:
     wall_s: float
     peak_rss_mb: float
     extra: dict[str, Any] = field(default_factory=dict)
+    filters: dict[str, Any] = field(default_factory=dict)  # as the manifest's extra records them
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -159,6 +180,8 @@ def prepare_dataset(
             item=cfg.item_column,
             timestamp=cfg.timestamp_column,
         )
+    # The rating column is read only for the rating filter.
+    columns = replace(columns, rating=(columns.rating or cfg.rating_column) if cfg.min_rating is not None else None)
     if quarantine is None:
         quarantine = cfg.quarantine
     uri = resolve_source(cfg, cache_dir)
@@ -182,7 +205,8 @@ def prepare_dataset(
         _clear_output(out_fs, root)
         own_spill = tempfile.mkdtemp(prefix="stackrec-prepare-", dir=spill_dir)
         try:
-            state = _pass1(uri, storage_options, columns, quarantine, num_buckets, own_spill, out_fs, root, budget_rows)
+            state = _pass1(uri, storage_options, columns, quarantine, num_buckets, own_spill, out_fs, root, budget_rows,
+                           cfg.min_rating)
             report = _finish(cfg, state, out_fs, root, budget_rows, own_spill)
         finally:
             shutil.rmtree(own_spill, ignore_errors=True)
@@ -238,6 +262,7 @@ class _Pass1:
     rows_bad: int
     quarantine_path: str | None
     source: str
+    rows_below_min_rating: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,6 +293,7 @@ def _pass1(
     out_fs: fsspec.AbstractFileSystem,
     root: str,
     budget_rows: int,
+    min_rating: float | None = None,
 ) -> _Pass1:
     # Raw batches are a small slice of the budget; threaded CSV parsing keeps several blocks in
     # flight, so only when the budget is roomy.
@@ -277,7 +303,7 @@ def _pass1(
     sinks = [pa.OSFile(p, "wb") for p in paths]
     writers = [pa.ipc.new_stream(s, _SPILL_SCHEMA) for s in sinks]
     bucket_rows = np.zeros(num_buckets, dtype=np.int64)
-    rows_read = rows_bad = 0
+    rows_read = rows_bad = below_min_rating = 0
     q_writer = None
     q_file = None
     q_path = posixpath.join(root, "_quarantine", "bad_rows.parquet")
@@ -300,12 +326,22 @@ def _pass1(
             if n == 0:
                 continue
             rows_read += n
-            user = batch.user.cast(pa.string())
+            user, item, timestamp = batch.user, batch.item, batch.timestamp
+            if min_rating is not None:
+                # Not bad rows: valid ones the rating filter leaves out, before anything is spilled.
+                keep = batch.rating >= min_rating
+                if not keep.all():
+                    below_min_rating += n - int(keep.sum())
+                    user, item, timestamp = user.filter(pa.array(keep)), item.filter(pa.array(keep)), timestamp[keep]
+                    n = len(timestamp)
+                    if n == 0:
+                        continue
+            user = user.cast(pa.string())
             enc = user.dictionary_encode()
             names = enc.dictionary.to_pylist()
             h = np.fromiter((_hash64(x) for x in names), dtype=np.uint64, count=len(names))
             h = h[np.asarray(enc.indices.to_numpy(zero_copy_only=False), dtype=np.int64)]
-            item = batch.item.cast(pa.string())
+            item = item.cast(pa.string())
             bucket = _bucket_of(h, num_buckets)
             order = np.argsort(bucket, kind="stable")  # stable: keeps input order within a bucket
             sb = bucket[order]
@@ -316,7 +352,7 @@ def _pass1(
                 take = pa.array(sel)
                 writers[b].write_batch(
                     pa.record_batch(
-                        [user.take(take), item.take(take), pa.array(batch.timestamp[sel]), pa.array(h[sel])],
+                        [user.take(take), item.take(take), pa.array(timestamp[sel]), pa.array(h[sel])],
                         schema=_SPILL_SCHEMA,
                     )
                 )
@@ -329,7 +365,7 @@ def _pass1(
         if q_writer is not None:
             q_writer.close()
             q_file.close()
-    return _Pass1(paths, bucket_rows, rows_read, rows_bad, q_path if rows_bad else None, uri)
+    return _Pass1(paths, bucket_rows, rows_read, rows_bad, q_path if rows_bad else None, uri, below_min_rating)
 
 
 def _read_bucket(path: str) -> pa.Table:
@@ -355,9 +391,105 @@ def _bucket_users(table: pa.Table) -> _BucketUsers:
     return _BucketUsers(row_user, enc.dictionary, np.bincount(row_user, minlength=len(enc.dictionary)))
 
 
-def _touched_items(table: pa.Table, row_long: np.ndarray) -> pa.Array:
-    """Distinct items of the rows of long-enough users, first-seen order (deterministic)."""
-    return pc.unique(table.column("i").combine_chunks().filter(pa.array(row_long)))
+def _touched_items(table: pa.Table, row_ok: np.ndarray) -> pa.Array:
+    """Distinct items of the rows that survive the filters, first-seen order (deterministic)."""
+    return pc.unique(table.column("i").combine_chunks().filter(pa.array(row_ok)))
+
+
+def _item_mask(table: pa.Table, items: pa.Array | None) -> np.ndarray:
+    """Per row of a bucket: its item is among ``items`` (every row when None)."""
+    if items is None:
+        return np.ones(table.num_rows, dtype=bool)
+    return np.asarray(pc.is_in(table.column("i"), value_set=items).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass A, part 1: the k-core loop (user_core / item_core)
+
+
+class _ItemCounts:
+    """Interactions per item over all buckets, as an Arrow table (item id string, int64 count):
+    each bucket's ``value_counts`` is kept aside and merged by one ``group_by`` whenever the parts
+    aside hold more rows than the merged table, so at most about twice the merged table is held
+    and each merge re-reads no more rows than it adds."""
+
+    def __init__(self) -> None:
+        self._parts: list[pa.Table] = []
+        self._merged_rows = 0
+        self._pending_rows = 0
+
+    def add(self, items: pa.ChunkedArray) -> None:
+        vc = pc.value_counts(items)
+        self._parts.append(pa.table({"i": vc.field("values").cast(pa.string()), "n": vc.field("counts")}))
+        self._pending_rows += len(vc)
+        if self._pending_rows > max(self._merged_rows, 1 << 16):
+            self.table()
+
+    def table(self) -> pa.Table:
+        merged = pa.concat_tables(self._parts).group_by("i", use_threads=False).aggregate([("n", "sum")])
+        merged = pa.table({"i": merged.column("i"), "n": merged.column("n_sum")})
+        self._parts, self._merged_rows, self._pending_rows = [merged], merged.num_rows, 0
+        return merged
+
+
+@dataclass
+class _Core:
+    """What the k-core loop leaves: the surviving users are in the per-bucket alive masks on disk,
+    the surviving items here (None: every item of a surviving user). ``seen`` holds (users, items,
+    interactions) alive at the start of each pass; ``rounds`` counts the passes that removed some."""
+
+    user_min: int
+    item_min: int
+    items: pa.Array | None = None
+    passes: int = 0
+    rounds: int = 0
+    seen: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+def _core_filter(cfg: PrepareConfig, s: _Pass1, alive_paths: list[str]) -> _Core | None:
+    """k-core filtering until stable (None when ``user_core`` and ``item_core`` are both 0).
+
+    Each pass reads the spill buckets one at a time and counts, over the rows of alive users whose
+    item is alive, each user's interactions (per bucket: a user's rows are all in one bucket) and
+    each item's (``_ItemCounts``, global). Then, as RecBole's ``_filter_by_inter_num`` does, users
+    with fewer than ``max(min_sequence_length, user_core)`` and items with fewer than ``item_core``
+    of those interactions are removed together, and the next pass counts again; the loop stops
+    when a pass removes nothing. The surviving set is the largest one in which every user and item
+    meets its threshold, so it does not depend on the order of removal (nor on the buckets). With
+    ``item_core <= 1`` no item can fall below its threshold, so one pass is enough.
+    """
+    if not (cfg.user_core or cfg.item_core):
+        return None
+    core = _Core(user_min=max(cfg.min_sequence_length, cfg.user_core), item_min=cfg.item_core)
+    while True:
+        counts = _ItemCounts()
+        users_alive = users_removed = rows = 0
+        for b, path in enumerate(s.bucket_paths):
+            table = _read_bucket(path)
+            bu = _bucket_users(table)
+            alive = np.load(alive_paths[b]) if core.passes else np.ones(len(bu.counts), dtype=bool)
+            row_ok = alive[bu.row_user] & _item_mask(table, core.items)
+            survive = alive & (np.bincount(bu.row_user[row_ok], minlength=len(bu.counts)) >= core.user_min)
+            users_alive += int(alive.sum())
+            users_removed += int((alive & ~survive).sum())
+            rows += int(row_ok.sum())
+            np.save(alive_paths[b], survive)
+            counts.add(table.column("i").filter(pa.array(row_ok)))
+            del table, bu
+            pa.default_memory_pool().release_unused()
+        item_counts = counts.table()
+        keep = pc.greater_equal(item_counts.column("n"), core.item_min)
+        items_removed = item_counts.num_rows - int(pc.sum(keep).as_py() or 0)
+        core.passes += 1
+        core.seen.append((users_alive, item_counts.num_rows, rows))
+        if users_removed == 0 and items_removed == 0:
+            break
+        core.rounds += 1
+        if core.item_min <= 1:
+            break  # every item of a surviving user keeps >= 1 interaction: this is the fixed point
+        core.items = item_counts.column("i").filter(keep).combine_chunks()
+        del item_counts, counts
+    return core
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,12 +574,13 @@ class _Census:
     """Pass A's counts over all buckets: who is kept, what was dropped, the kept time range."""
 
     total_users: int = 0
+    users_alive: int = 0  # past the length / k-core filter, every domain
+    rows_alive: int = 0
     users_dropped: int = 0
     interactions_dropped: int = 0
     interactions_kept: int = 0
     users_other_domain: int = 0
     interactions_other_domain: int = 0
-    any_long: bool = False
     tmin: int | None = None
     tmax: int | None = None
 
@@ -455,21 +588,24 @@ class _Census:
 def _finish(
     cfg: PrepareConfig, s: _Pass1, fs: fsspec.AbstractFileSystem, root: str, budget_rows: int, spill: str
 ) -> PrepareReport:
-    """Pass A (census), dense ids, CL slice boundaries, pass 2 (rows -> splits), manifest last."""
+    """Pass A (k-core loop, census), dense ids, CL slice boundaries, pass 2 (rows -> splits),
+    manifest last."""
     names_per_partition = budget_rows * BYTES_PER_ROW // NAME_BYTES
     users = SortedIds(os.path.join(spill, "users"), names_per_partition)
     items = SortedIds(os.path.join(spill, "items"), names_per_partition)
-    kept_paths = [os.path.join(spill, f"kept-{b:05d}.npy") for b in range(len(s.bucket_paths))]
-    ts_paths = [os.path.join(spill, f"ts-{b:05d}.npy") for b in range(len(s.bucket_paths))]
-    census = _census(cfg, s, users, items, kept_paths, ts_paths)
+    paths = {name: [os.path.join(spill, f"{name}-{b:05d}.npy") for b in range(len(s.bucket_paths))]
+             for name in ("alive", "kept", "rows", "ts")}
+    core = _core_filter(cfg, s, paths["alive"])
+    census = _census(cfg, s, core, users, items, paths)
     _check_census(cfg, s, census)
     num_users, num_items, id_maps = _assign_ids(fs, root, users, items)
-    boundaries = _slice_boundaries(cfg, census, ts_paths)
+    filters = _filters_record(cfg, s, core, census, num_items)
+    boundaries = _slice_boundaries(cfg, census, paths["ts"])
     split_names = ["train", "valid", "test"] + [f"slice-{k}" for k in range(1, cfg.time_slices + 1)]
     writers = {n: SplitWriter(fs, root, n, cfg.num_shards, cfg.row_group_size,
                               num_items=num_items if n == "train" else None) for n in split_names}
     groups = _bucket_groups(s.bucket_rows.tolist(), budget_rows)
-    _write_rows(cfg, s, writers, groups, kept_paths, users, items, boundaries)
+    _write_rows(cfg, s, writers, groups, paths, users, items, boundaries)
     split_infos = {n: w.close() for n, w in writers.items()}
     item_counts = write_item_counts(fs, root, writers["train"].item_counts, "train")
     manifest = Manifest(
@@ -480,7 +616,7 @@ def _finish(
         splits=split_infos,
         id_maps=id_maps,
         created_by="stackrec_dist.data.prepare",
-        extra=_manifest_extra(cfg, s, census, boundaries),
+        extra=_manifest_extra(cfg, s, census, boundaries, filters),
         item_counts=item_counts,
     )
     write_manifest(fs, root, manifest)
@@ -504,37 +640,49 @@ def _finish(
         wall_s=0.0,
         peak_rss_mb=0.0,
         extra={"manifest": manifest, "id_sort_partitions": {"users": users.partitions, "items": items.partitions}},
+        filters=filters,
     )
 
 
-def _census(cfg: PrepareConfig, s: _Pass1, users: SortedIds, items: SortedIds, kept_paths: list[str],
-            ts_paths: list[str]) -> _Census:
-    """Pass A, one bucket at a time (a user's rows are all in one bucket): interactions per user,
-    who is kept (saved to ``kept_paths``), the items long-enough users touch, and the kept
-    timestamps when slicing (saved to ``ts_paths``). Long-enough users decide the item id map
-    (shared by all domains); kept users decide the rows."""
+def _census(cfg: PrepareConfig, s: _Pass1, core: _Core | None, users: SortedIds, items: SortedIds,
+            paths: dict[str, list[str]]) -> _Census:
+    """Pass A, one bucket at a time (a user's rows are all in one bucket): who is alive (>=
+    min_sequence_length interactions, or the k-core's alive masks ``paths["alive"]``), the rows
+    that survive (saved to ``paths["rows"]``: alive user and, with the k-core, alive item), who is
+    kept (alive and in the domain; ``paths["kept"]``), the items of the surviving rows, and the
+    kept timestamps when slicing (``paths["ts"]``). Surviving rows of every domain decide the item
+    id map; kept users decide the rows."""
     c = _Census()
     for b, path in enumerate(s.bucket_paths):
         table = _read_bucket(path)
         bu = _bucket_users(table)
-        long_enough = bu.counts >= cfg.min_sequence_length
+        if core is None:
+            alive = bu.counts >= cfg.min_sequence_length
+            row_ok = alive[bu.row_user]
+        else:
+            alive = np.load(paths["alive"][b])
+            row_ok = alive[bu.row_user] & _item_mask(table, core.items)
         in_domain = _domain_mask(cfg, bu.names.to_pylist()) if cfg.user_subset != "all" else None
         if in_domain is None:
             in_domain = np.ones(len(bu.counts), dtype=bool)
-        kept = long_enough & in_domain
+        kept = alive & in_domain
+        row_domain = in_domain[bu.row_user]
+        row_kept = row_ok & row_domain
         c.total_users += len(bu.counts)
-        c.any_long |= bool(long_enough.any())
-        c.users_dropped += int((~long_enough & in_domain).sum())
-        c.interactions_dropped += int(bu.counts[~long_enough & in_domain].sum())
-        c.interactions_kept += int(bu.counts[kept].sum())
-        c.users_other_domain += int((long_enough & ~in_domain).sum())
-        c.interactions_other_domain += int(bu.counts[long_enough & ~in_domain].sum())
-        np.save(kept_paths[b], kept)
+        c.users_alive += int(alive.sum())
+        c.rows_alive += int(row_ok.sum())
+        c.users_dropped += int((~alive & in_domain).sum())
+        c.interactions_dropped += int((row_domain & ~row_ok).sum())
+        c.interactions_kept += int(row_kept.sum())
+        c.users_other_domain += int((alive & ~in_domain).sum())
+        c.interactions_other_domain += int((row_ok & ~row_domain).sum())
+        np.save(paths["kept"][b], kept)
+        np.save(paths["rows"][b], row_ok)
         users.add(bu.names.filter(pa.array(kept)))
-        items.add(_touched_items(table, long_enough[bu.row_user]))
+        items.add(_touched_items(table, row_ok))
         if cfg.time_slices > 1:
-            t = table.column("t").to_numpy()[kept[bu.row_user]]
-            np.save(ts_paths[b], t)
+            t = table.column("t").to_numpy()[row_kept]
+            np.save(paths["ts"][b], t)
             if len(t):
                 c.tmin = int(t.min()) if c.tmin is None else min(c.tmin, int(t.min()))
                 c.tmax = int(t.max()) if c.tmax is None else max(c.tmax, int(t.max()))
@@ -545,10 +693,19 @@ def _census(cfg: PrepareConfig, s: _Pass1, users: SortedIds, items: SortedIds, k
 
 def _check_census(cfg: PrepareConfig, s: _Pass1, c: _Census) -> None:
     """A dataset without a single kept user is bad input, named with the reason."""
-    if not c.any_long:
+    valid = s.rows_read - s.rows_bad
+    if c.users_alive == 0 and (cfg.min_rating is not None or cfg.user_core or cfg.item_core):
+        raise DataError(
+            f"no user is left by the filters (min_sequence_length={cfg.min_sequence_length}, "
+            f"min_rating={cfg.min_rating}, user_core={cfg.user_core}, item_core={cfg.item_core}, k-core until "
+            f"stable): {valid} valid rows, {s.rows_below_min_rating} of them below min_rating, "
+            f"{c.total_users} users in the rest",
+            path=s.source,
+        )
+    if c.users_alive == 0:
         raise DataError(
             f"no user has >= min_sequence_length={cfg.min_sequence_length} valid interactions "
-            f"({c.total_users} users, {s.rows_read - s.rows_bad} valid rows)",
+            f"({c.total_users} users, {valid} valid rows)",
             path=s.source,
         )
     if c.interactions_kept == 0:
@@ -600,16 +757,16 @@ def _bucket_groups(bucket_rows: list[int], budget_rows: int) -> list[list[int]]:
 
 
 def _write_rows(cfg: PrepareConfig, s: _Pass1, writers: dict[str, SplitWriter], groups: list[list[int]],
-                kept_paths: list[str], users: SortedIds, items: SortedIds, boundaries: list[int]) -> None:
-    """Pass 2, one group of buckets at a time: kept rows with dense ids, sorted by (user hash,
-    user, time), cut into the splits."""
+                paths: dict[str, list[str]], users: SortedIds, items: SortedIds, boundaries: list[int]) -> None:
+    """Pass 2, one group of buckets at a time: the surviving rows of kept users with dense ids,
+    sorted by (user hash, user, time), cut into the splits."""
     bounds = boundaries + [None] if cfg.time_slices else []
     held_key = int(cfg.seed).to_bytes(8, "little", signed=True)
     for g in groups:
         parts = []
         for b in g:
-            parts.append(_bucket_rows(cfg, s.bucket_paths[b], np.load(kept_paths[b]), users.ids(b), items.ids(b),
-                                      held_key))
+            parts.append(_bucket_rows(cfg, s.bucket_paths[b], np.load(paths["kept"][b]), np.load(paths["rows"][b]),
+                                      users.ids(b), items.ids(b), held_key))
         u = np.concatenate([p[0] for p in parts])
         i = np.concatenate([p[1] for p in parts])
         t = np.concatenate([p[2] for p in parts])
@@ -630,7 +787,34 @@ def _write_rows(cfg: PrepareConfig, s: _Pass1, writers: dict[str, SplitWriter], 
         pa.default_memory_pool().release_unused()
 
 
-def _manifest_extra(cfg: PrepareConfig, s: _Pass1, c: _Census, boundaries: list[int]) -> dict[str, Any]:
+def _filters_record(cfg: PrepareConfig, s: _Pass1, core: _Core | None, c: _Census, num_items: int) -> dict[str, Any]:
+    """The rating and k-core filters' options and what each removed (manifest extra, report)."""
+    record: dict[str, Any] = {
+        "min_rating": None if cfg.min_rating is None else float(cfg.min_rating),
+        "rating_column": cfg.rating_column if cfg.min_rating is not None else None,
+        "rows_below_min_rating": s.rows_below_min_rating,
+        "user_core": cfg.user_core,
+        "item_core": cfg.item_core,
+        "core": None,
+    }
+    if core is not None:
+        # (users, items, interactions) alive before each round and after the last one.
+        states = core.seen[: core.rounds] + [(c.users_alive, num_items - 1, c.rows_alive)]
+        names = ("users", "items", "interactions")
+        record["core"] = {
+            "user_min": core.user_min,
+            "item_min": core.item_min,
+            "passes": core.passes,
+            "before": dict(zip(names, core.seen[0])),
+            "after": dict(zip(names, states[-1])),
+            "removed": dict(zip(names, (a - b for a, b in zip(core.seen[0], states[-1])))),
+            "rounds": [dict(zip(names, (a - b for a, b in zip(x, y)))) for x, y in zip(states, states[1:])],
+        }
+    return record
+
+
+def _manifest_extra(cfg: PrepareConfig, s: _Pass1, c: _Census, boundaries: list[int],
+                    filters: dict[str, Any]) -> dict[str, Any]:
     """The manifest's ``extra``: the options and counts of this prepare, for provenance."""
     return {
         "source": cfg.source,
@@ -652,19 +836,21 @@ def _manifest_extra(cfg: PrepareConfig, s: _Pass1, c: _Census, boundaries: list[
         ) if cfg.user_subset != "all" else None,
         "users_other_domain": c.users_other_domain,
         "interactions_other_domain": c.interactions_other_domain,
+        **filters,
     }
 
 
-def _bucket_rows(cfg: PrepareConfig, path: str, kept: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray,
-                 held_key: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(user, item, timestamp, hash, held-out code) of the kept rows of one bucket, dense ids,
-    in input order. ``user_ids`` / ``item_ids``: the bucket's sources' dense ids from pass A."""
+def _bucket_rows(cfg: PrepareConfig, path: str, kept: np.ndarray, row_ok: np.ndarray, user_ids: np.ndarray,
+                 item_ids: np.ndarray, held_key: bytes) -> tuple[np.ndarray, ...]:
+    """(user, item, timestamp, hash, held-out code) of the surviving rows (``row_ok``) of the kept
+    users of one bucket, dense ids, in input order. ``user_ids`` / ``item_ids``: the bucket's
+    sources' dense ids from pass A."""
     table = _read_bucket(path)
     bu = _bucket_users(table)
     user_dense = np.full(len(bu.counts), -1, dtype=np.int64)
     user_dense[np.flatnonzero(kept)] = user_ids
-    touched = _touched_items(table, (bu.counts >= cfg.min_sequence_length)[bu.row_user])
-    m = kept[bu.row_user]
+    touched = _touched_items(table, row_ok)
+    m = row_ok & kept[bu.row_user]
     sel = pa.array(m)
     local_item = pc.index_in(table.column("i").combine_chunks().filter(sel), value_set=touched)
     i = item_ids[np.asarray(local_item.to_numpy(zero_copy_only=False), dtype=np.int64)]
@@ -759,12 +945,17 @@ def read_id_map(uri: str, name: str = "items", storage_options: dict[str, Any] |
 
 def main_summary(report: PrepareReport) -> str:
     """Human-readable lines for the CLI."""
+    if report.filters.get("core"):
+        dropped = f"  dropped by the k-core: {report.users_dropped} users, {report.interactions_dropped} interactions"
+    else:
+        dropped = (f"  users dropped (< min_sequence_length) {report.users_dropped} with "
+                   f"{report.interactions_dropped} interactions")
     lines = [
         f"prepared {report.source} -> {report.output} ({report.protocol})",
         f"  users {report.num_users}  items {report.num_items - 1} (+pad)  interactions {report.interactions_kept}",
         f"  rows read {report.rows_read}  bad {report.rows_bad}"
         + (f" (quarantined at {report.quarantine_path})" if report.quarantine_path else ""),
-        f"  users dropped (< min_sequence_length) {report.users_dropped} with {report.interactions_dropped} interactions",
+        dropped,
         "  " + "  ".join(f"{k}={v}" for k, v in report.splits.items()),
         f"  {report.wall_s:.1f} s, peak RSS {report.peak_rss_mb:.0f} MB, {report.spill_buckets} spill buckets, "
         f"{report.partitions} partitions",
@@ -779,4 +970,23 @@ def main_summary(report: PrepareReport) -> str:
         )
     if report.time_slice_boundaries:
         lines.append(f"  time slice boundaries {report.time_slice_boundaries}")
-    return "\n".join(lines)
+    return "\n".join(lines + _filter_lines(report.filters))
+
+
+def _filter_lines(filters: dict[str, Any]) -> list[str]:
+    lines = []
+    if filters.get("min_rating") is not None:
+        lines.append(f"  rating filter ({filters['rating_column']} >= {filters['min_rating']:g}): "
+                     f"{filters['rows_below_min_rating']} rows dropped")
+    core = filters.get("core")
+    if core:
+        removed = core["removed"]
+        lines.append(
+            f"  k-core (users >= {core['user_min']}, items >= {core['item_min']} interactions, until stable): "
+            f"{len(core['rounds'])} rounds in {core['passes']} passes removed {removed['users']} users, "
+            f"{removed['items']} items, {removed['interactions']} interactions"
+        )
+        if core["rounds"]:
+            lines.append("  k-core rounds (users, items, interactions removed): "
+                         + " ".join(f"({r['users']}, {r['items']}, {r['interactions']})" for r in core["rounds"]))
+    return lines

@@ -11,6 +11,9 @@ its field (set aside in quarantine mode), not a failure of the whole block.
 
 Timestamps may be integers (kept as given: any epoch unit), decimal numbers (floored), ISO-8601
 strings or Arrow timestamp/date values (converted to epoch seconds).
+
+An optional rating column (``RawColumns.rating``, read only when set) is parsed as a float: a null
+or non-numeric value is a bad row of that field.
 """
 
 from __future__ import annotations
@@ -36,14 +39,15 @@ PARQUET_SUFFIXES = (".parquet", ".pq", ".parquet.brotli", ".parquet.snappy", ".p
 
 @dataclass(frozen=True)
 class RawColumns:
-    """Names of the raw log's columns."""
+    """Names of the raw log's columns; ``rating`` None: no rating column is read."""
 
     user: str = "user"
     item: str = "item"
     timestamp: str = "timestamp"
+    rating: str | None = None
 
     def names(self) -> list[str]:
-        return [self.user, self.item, self.timestamp]
+        return [self.user, self.item, self.timestamp] + ([self.rating] if self.rating is not None else [])
 
 
 @dataclass
@@ -59,6 +63,7 @@ class RawBatch:
     user: pa.Array
     item: pa.Array
     timestamp: np.ndarray
+    rating: np.ndarray | None = None  # float64, when RawColumns.rating is set
 
 
 @dataclass
@@ -84,6 +89,7 @@ QUARANTINE_SCHEMA = pa.schema(
         ("user", pa.string()),
         ("item", pa.string()),
         ("timestamp", pa.string()),
+        ("rating", pa.string()),
     ]
 )
 
@@ -298,6 +304,13 @@ def _compression(path: str) -> str | None:
 
 
 def _check_columns(names: list[str], columns: RawColumns, shown: str) -> None:
+    if columns.rating is not None and columns.rating not in names:
+        raise SchemaError(
+            f"missing rating column {columns.rating!r}, needed by the rating filter (prepare.min_rating) "
+            f"(columns present: {names}; set prepare.rating_column to match)",
+            path=shown,
+            field=columns.rating,
+        )
     for role, name in (("user", columns.user), ("item", columns.item), ("timestamp", columns.timestamp)):
         if name not in names:
             raise SchemaError(
@@ -436,6 +449,38 @@ def _parse_iso(s: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return values, ok
 
 
+_NUMBER_RE = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
+
+
+def parse_ratings(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(float64 values, bad mask, reason per bad row) of a rating column: null, non-numeric and
+    non-finite values are bad."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    t = arr.type
+    null = np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    values = np.zeros(len(arr), dtype=np.float64)
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
+        values = np.asarray(arr.cast(pa.float64()).fill_null(np.nan).to_numpy(), dtype=np.float64)
+    elif pa.types.is_string(t) or pa.types.is_large_string(t):
+        s = pc.utf8_trim_whitespace(arr.cast(pa.string()))
+        ok = np.asarray(pc.match_substring_regex(s, _NUMBER_RE).fill_null(False).to_numpy(zero_copy_only=False), bool)
+        values[~ok] = np.nan
+        if ok.any():
+            values[ok] = pc.cast(s.filter(pa.array(ok)), pa.float64()).to_numpy()
+    else:
+        raise SchemaError(f"rating column has unsupported type {t}")
+    bad = ~np.isfinite(values)
+    reasons = []
+    if bad.any():
+        strs = arr.cast(pa.string())
+        for i in np.flatnonzero(bad):
+            reasons.append("null value" if null[i] else f"not a number: {strs[int(i)].as_py()!r}")
+    return values, bad, reasons
+
+
 def _validate(
     batch: pa.RecordBatch, shown: str, rows_of: np.ndarray, columns: RawColumns, quarantine: bool, is_csv: bool
 ) -> Iterator[RawBatch | BadRows]:
@@ -444,19 +489,28 @@ def _validate(
     raw_cols = {c: batch.column(batch.schema.get_field_index(c)) for c in columns.names()}
     decoded = {c: _utf8(col) for c, col in raw_cols.items()}
     not_utf8 = {c: mask for c, (_, mask) in decoded.items() if mask.any()}
-    user, item, ts_col = (decoded[c][0] for c in columns.names())
+    user, item, ts_col = (decoded[c][0] for c in columns.names()[:3])
     user_null = np.asarray(user.is_null().to_numpy(zero_copy_only=False), dtype=bool)
     item_null = np.asarray(item.is_null().to_numpy(zero_copy_only=False), dtype=bool)
     try:
         ts, ts_bad, ts_reasons = parse_timestamps(ts_col)
     except SchemaError as err:
         raise SchemaError(err.reason, path=shown, field=columns.timestamp) from None
-    bad = user_null | item_null | ts_bad
+    rating = None
+    rating_bad = np.zeros(len(ts), dtype=bool)
+    rating_reasons: list[str] = []
+    if columns.rating is not None:
+        try:
+            rating, rating_bad, rating_reasons = parse_ratings(decoded[columns.rating][0])
+        except SchemaError as err:
+            raise SchemaError(err.reason, path=shown, field=columns.rating) from None
+    bad = user_null | item_null | ts_bad | rating_bad
     if not bad.any():
-        yield RawBatch(shown, first, _as_string(user), _as_string(item), ts)
+        yield RawBatch(shown, first, _as_string(user), _as_string(item), ts, rating)
         return
     # First failing field per row, in column order, so the report is stable.
     ts_reason_of = dict(zip(np.flatnonzero(ts_bad).tolist(), ts_reasons))
+    rating_reason_of = dict(zip(np.flatnonzero(rating_bad).tolist(), rating_reasons))
     rows, fields, reasons = [], [], []
     for i in np.flatnonzero(bad).tolist():
         enc = next((c for c in columns.names() if c in not_utf8 and not_utf8[c][i]), None)
@@ -466,8 +520,10 @@ def _validate(
             f, r = columns.user, "null value"
         elif item_null[i]:
             f, r = columns.item, "null value"
-        else:
+        elif ts_bad[i]:
             f, r = columns.timestamp, ts_reason_of[i]
+        else:
+            f, r = columns.rating, rating_reason_of[i]
         if not quarantine:
             row = int(rows_of[i])
             line = f" (line {row + 2})" if is_csv else ""
@@ -481,9 +537,12 @@ def _validate(
         "item": _shown(raw_cols[columns.item], idx),
         "timestamp": _shown(raw_cols[columns.timestamp], idx),
     }
+    if columns.rating is not None:
+        values["rating"] = _shown(raw_cols[columns.rating], idx)
     yield BadRows(shown, np.asarray(rows, dtype=np.int64), fields, reasons, values)
     keep = pa.array(~bad)
-    yield RawBatch(shown, first, _as_string(user).filter(keep), _as_string(item).filter(keep), ts[~bad])
+    yield RawBatch(shown, first, _as_string(user).filter(keep), _as_string(item).filter(keep), ts[~bad],
+                   None if rating is None else rating[~bad])
 
 
 def bad_rows_table(bad: BadRows) -> pa.Table:
@@ -496,6 +555,7 @@ def bad_rows_table(bad: BadRows) -> pa.Table:
             "user": bad.values.get("user", [None] * len(bad)),
             "item": bad.values.get("item", [None] * len(bad)),
             "timestamp": bad.values.get("timestamp", [None] * len(bad)),
+            "rating": bad.values.get("rating", [None] * len(bad)),
         },
         schema=QUARANTINE_SCHEMA,
     )

@@ -4,7 +4,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from stackrec_dist.data.errors import BadRowError, DataError, SchemaError
-from stackrec_dist.data.raw import BadRows, RawBatch, RawColumns, iter_raw, parse_timestamps
+from stackrec_dist.data.raw import BadRows, RawBatch, RawColumns, iter_raw, parse_ratings, parse_timestamps
 from stackrec_dist.data.storage import open_fs
 
 from .conftest import csv_log, write_text
@@ -118,6 +118,32 @@ def test_timestamp_formats():
     assert v[0] == 1 and bad.tolist() == [False, True, True] and reasons == ["null value", "unparsable timestamp 'nan'"]
     v, bad, _ = parse_timestamps(pa.array([0, 1000], pa.timestamp("ms")))
     assert v.tolist() == [0, 1] and not bad.any()
+
+
+def test_rating_column_read_only_when_named(mem_root, tmp_path):
+    rows = [("a", "1", 1, "4"), ("a", "2", 2, " 2.5 "), ("b", "3", 3, "x"), ("b", "4", 4, None)]
+    uri = write_text(f"{mem_root}/log.csv", csv_log(rows, header="user,item,timestamp,stars"))
+    assert len(_valid(uri)[0]) == 4  # no rating column named: the column is not read
+    out = list(iter_raw(uri, columns=RawColumns(rating="stars"), quarantine=True))
+    bad = next(b for b in out if isinstance(b, BadRows))
+    assert (bad.rows.tolist(), bad.fields, bad.reasons) == ([2, 3], ["stars"] * 2, ["not a number: 'x'", "null value"])
+    assert bad.values["rating"] == ["x", None]  # keyed by role, as user / item / timestamp
+    batch = next(b for b in out if isinstance(b, RawBatch))
+    assert batch.rating.tolist() == [4.0, 2.5]
+    pq_path = tmp_path / "log.parquet"
+    pq.write_table(pa.table({"user": ["a"], "item": [1], "timestamp": [1], "rating": [3]}), pq_path)
+    assert next(iter_raw(str(pq_path), columns=RawColumns(rating="rating"))).rating.tolist() == [3.0]
+    with pytest.raises(SchemaError, match=r"log.parquet field score: missing rating column 'score'"):
+        list(iter_raw(str(pq_path), columns=RawColumns(rating="score")))
+
+
+def test_rating_formats():
+    v, bad, reasons = parse_ratings(pa.array(["3", " 4.5 ", "1e0", ".5", "nan", "inf", "", None]))
+    assert v[:4].tolist() == [3.0, 4.5, 1.0, 0.5]
+    assert bad.tolist() == [False] * 4 + [True] * 4
+    assert reasons == ["not a number: 'nan'", "not a number: 'inf'", "not a number: ''", "null value"]
+    v, bad, _ = parse_ratings(pa.array([1.5, None, float("inf")]))
+    assert v[0] == 1.5 and bad.tolist() == [False, True, True]
 
 
 def test_missing_input(mem_root):
