@@ -152,6 +152,11 @@ def run_size(n: int, args: argparse.Namespace, server, work: Path) -> dict:
     fs, path = open_fs(f"{root}/prep", opts)
     fs.invalidate_cache()
     out["prepared_bytes"] = int(fs.du(path))
+    from stackrec_dist.data.manifest import read_manifest
+
+    # Items that occur in the log: the model's catalogue (embedding and head rows). A power-law log
+    # touches more of the generator's catalogue as it grows, and the step cost follows it.
+    out["num_items"] = read_manifest(fs, path).num_items
     print(f"[{n:,}] prepare {wall:.1f}s, peak RSS {rss:.0f} MB, {out['prepared_bytes'] / 1e6:.1f} MB stored",
           flush=True)
 
@@ -201,19 +206,23 @@ def _table(results: list[dict], args: argparse.Namespace) -> str:
         f"L={args.seq_len} B={args.batch}, sampled softmax ({args.num_samples} negatives, unigram). "
         "Ratios are against the first size.",
         "",
-        "| interactions | users | prepare s | x | peak RSS MB | x | prepared MB | reader seq/s | loader windows/s "
-        "| first step s | x | steps/s (2 workers) | load before/after |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| interactions | users | items in the data | prepare s | x | peak RSS MB | x | prepared MB | reader seq/s "
+        "| loader windows/s | first step s | x | steps/s (2 workers) | load before/after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r['raw_interactions']:,} | {r['users']:,} | {r['prepare_s']:.1f} "
+            f"| {r['raw_interactions']:,} | {r['users']:,} | {r.get('num_items', 0):,} | {r['prepare_s']:.1f} "
             f"| {r['prepare_s'] / base['prepare_s']:.1f} "
             f"| {r['prepare_rss_mb']:.0f} | {r['prepare_rss_mb'] / base['prepare_rss_mb']:.2f} "
             f"| {r['prepared_bytes'] / 2**20:,.1f} | {r['reader_seq_s']:,.0f} | {r['loader_windows_s']:,.0f} "
             f"| {r['first_step_s']:.1f} | {r['first_step_s'] / base['first_step_s']:.2f} | {r['step_rate']:.2f} "
             f"| {r['load_before'][0]:.2f} / {r['load_after'][0]:.2f} |")
-    lines += ["", _verdict(results)]
+    lines += ["", _verdict(results), "",
+              "The step rate follows the catalogue, not the data: a step's cost here is dominated by the dense "
+              "AdamW update and the ZeRO gradient reduce of the embedding and head (items x C each), and a "
+              "power-law log touches more of the generator's items as it grows. The reader and the start-up "
+              "are what depend on the data size."]
     return "\n".join(lines)
 
 

@@ -36,8 +36,12 @@ def run_cli(*args: str, tmp_path: Path, timeout: float = 120, env: dict[str, str
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "STACKREC_ERROR_LOG": str(tmp_path / "last-error.log"),
                 "OMP_NUM_THREADS": "1", **(env or {})}
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "stackrec_dist.cli", *args], cwd=tmp_path, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "stackrec_dist.cli", *args], cwd=tmp_path, env=full_env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:  # say where it stood, not just that it timed out
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        pytest.fail(f"stackrec {' '.join(args)} still running after {timeout:.0f} s; stderr tail:\n{err[-4000:]}")
     return Result(proc, time.monotonic() - start)
 
 
