@@ -35,10 +35,12 @@ from stackrec_dist.growth.segment import (
 class Coordinator:
     """Runs ``cfg.plan`` into ``run_dir``: segment by segment, in this process or on Ray."""
 
-    def __init__(self, cfg: JobConfig, run_dir: str | Path, stage_trainer: Callable[..., StageResult] | None = None):
+    def __init__(self, cfg: JobConfig, run_dir: str | Path, stage_trainer: Callable[..., StageResult] | None = None,
+                 options=None):
         self.cfg = cfg
         self.run_dir = Path(run_dir).resolve()
         self.stage_trainer = stage_trainer or train_stage
+        self.options = options  # LoopOptions: run-time switches of every stage's loop (tests, benchmarks)
 
     def run(self) -> PlanState:
         cfg = self.cfg
@@ -54,7 +56,7 @@ class Coordinator:
             else:
                 from stackrec_dist.train.ray_job import run_segment_on_ray
 
-                run_segment_on_ray(cfg, segment, self.run_dir, ledger)
+                run_segment_on_ray(cfg, segment, self.run_dir, ledger, self.options)
                 ledger.reload()
             self._account_startup(ledger, before, time.time() - t0)
         return ledger.state
@@ -73,7 +75,7 @@ class Coordinator:
         with open_tracker(self.cfg, world.rank) as tracker:
             run_segment(self.cfg, start, world, self.run_dir, ledger.run_id, record,
                         lambda job, stage: LocalSink(job.train.checkpoint_dir, resume=True), self.stage_trainer,
-                        tracker=tracker)
+                        options=self.options, tracker=tracker)
 
     @staticmethod
     def _account_startup(ledger: PlanLedger, before: int, segment_s: float) -> None:

@@ -62,6 +62,26 @@ def fault_injection_env() -> dict[str, str]:
     return {k: os.environ[k] for k in (CRASH_ENV, CRASH_ONCE_ENV) if os.environ.get(k)}
 
 
+# Test-only, beside the fault injection: STACKREC_WIPE_AT_STAGE_END=<dir>[<os.pathsep><dir>...];
+# every process that ends a stage of a plan segment (each Ray worker; the driver of a
+# single-process plan) empties these directories. Set it in the environment a Ray node is started
+# with (not forwarded by fault_injection_env), naming that node's scratch (TMPDIR, STACKREC_CACHE):
+# each worker then empties its own node's, and a later stage can only use what was stored
+# elsewhere (tests/growth/test_two_nodes.py).
+WIPE_ENV = "STACKREC_WIPE_AT_STAGE_END"
+
+
+def maybe_wipe_scratch(stage: str) -> None:
+    for directory in filter(None, os.environ.get(WIPE_ENV, "").split(os.pathsep)):
+        root = Path(directory)
+        for child in list(root.iterdir()) if root.is_dir() else []:
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+        log.warning("test hook: emptied %s at the end of stage %s", directory, stage)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:

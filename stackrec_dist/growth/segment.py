@@ -23,7 +23,7 @@ import torch
 
 from stackrec_dist.config import JobConfig, ModelConfig, StageConfig
 from stackrec_dist.growth.grow import grow_state, new_head_state
-from stackrec_dist.growth.ledger import PlanLedger, StageRecord, maybe_crash
+from stackrec_dist.growth.ledger import PlanLedger, StageRecord, maybe_crash, maybe_wipe_scratch
 
 # -- plan arithmetic -------------------------------------------------------------------------------
 
@@ -178,6 +178,7 @@ def run_segment(cfg: JobConfig, start: SegmentStart, world, run_dir: Path, run_i
         if world.is_main:
             rec = StageRecord(stage.name, stage.action, str(output), model_cfg.num_blocks, now - mark, metrics)
             record(rec, weights, model_cfg, info, best, wait)
+        maybe_wipe_scratch(stage.name)
         mark, parent = now, str(output)
 
 

@@ -70,7 +70,9 @@ def plan_session(cfg: JobConfig):
         yield
 
 
-def run_plan(cfg: JobConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+def run_plan(cfg: JobConfig, run_dir: str | Path | None = None, options=None) -> dict[str, Any]:
+    """Run the plan into ``run_dir`` (default ``train.checkpoint_dir``), test the final model, write
+    the summary. ``options``: the loops' run-time switches (``train.loop.LoopOptions``; tests)."""
     from stackrec_dist.eval.evaluate import evaluate_split
     from stackrec_dist.train.checkpoint import open_checkpoint
     from stackrec_dist.train.device import resolve_device
@@ -78,7 +80,7 @@ def run_plan(cfg: JobConfig, run_dir: str | Path | None = None) -> dict[str, Any
     run_dir = Path(run_dir or cfg.train.checkpoint_dir)
     t0 = time.time()
     with plan_session(cfg):
-        state = Coordinator(cfg, run_dir).run()
+        state = Coordinator(cfg, run_dir, options=options).run()
     plan_wall_s = time.time() - t0
     final_train = next(r for r in reversed(state.done) if r.action == "train")
     model, which = open_checkpoint(final_train.output).load_model("best")

@@ -9,6 +9,10 @@ already initialised by the caller (tests share one cluster per session) is used 
 Storage: ``distributed.storage_path`` is a local directory or ``s3://bucket/prefix``; for S3 the
 filesystem is built by the data package's fsspec layer (from ``data.storage_options`` when the
 dataset is on S3 too, else from the AWS_* environment) and handed to Ray as a pyarrow filesystem.
+
+The driver's node: what is written to a local path of the driver (a plan's run directory, the
+TensorBoard files under ``<train.checkpoint_dir>/tensorboard``) is written by actors pinned to the
+driver's node, never by a worker, which may run on any node: no disk is assumed shared.
 """
 
 from __future__ import annotations
@@ -266,8 +270,10 @@ def _worker_progress():
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: ``{"job": JobConfig dict, "device": "cpu" | "cuda",
-    "options": LoopOptions dict, "init_state": ObjectRef | None}`` for one run, plus ``"segment"``
-    (plan positions, model config, run dir, run id, ledger actor) for a segment of a growth plan."""
+    "options": LoopOptions dict, "init_state": ObjectRef | None, "tracker": actor | None}`` for one
+    run, plus ``"segment"`` (plan positions, model config, run dir, run id, ledger actor) for a
+    segment of a growth plan. ``tracker`` is the driver's-node actor rank 0 tracks through (None:
+    tracking is off)."""
     from stackrec_dist.train import distributed as D
 
     job = config_from_dict(config["job"], source="<train_loop_config>")
@@ -283,7 +289,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     world = World(choice, ctx)
     try:
         segment = config.get("segment")
-        with open_tracker(job, world.rank) as tracker:
+        driver_tracker = config.get("tracker")
+        tracker = RemoteTracker(driver_tracker) if world.is_main and driver_tracker else open_tracker(job, world.rank)
+        with tracker:
             if world.is_main:
                 print(f"stackrec: {job.name}: {world.world_size} worker(s), {choice.describe()}, "
                       f"ZeRO-{job.distributed.zero_stage}", flush=True)
@@ -328,38 +336,101 @@ def _run_segment_in_worker(job: JobConfig, segment: dict[str, Any], world: World
         ray.get(pending)
 
 
-# -- the ledger actor: in-place growth records on the driver's node ------------------------------
+# -- actors on the driver's node: rank 0's tracker, the ledger of in-place growth ---------------
 
 
-def _ledger_actor_class():
+class TrackerActor:
+    """Rank 0's experiment tracker, opened on the driver's node (made a Ray actor by
+    :func:`_on_driver_node`): a local tracking dir, by default ``<train.checkpoint_dir>/tensorboard``,
+    is the driver's, and rank 0 may run on any node. One tracker for the whole Ray run, so a worker
+    group that Ray restarts goes on logging into it; the driver closes it when the run ends."""
+
+    def __init__(self, job: dict[str, Any]):
+        self.job = config_from_dict(job, source="<tracker>")
+        self.tracker = None  # opened at the first call: a bad tracking config fails in rank 0
+
+    def track(self, method: str, *args: Any) -> None:
+        """``RunTracker.<method>(*args)``: log_scalars, log_stage, flush or close."""
+        if self.tracker is None:
+            if method == "close":
+                return
+            self.tracker = open_tracker(self.job, 0)
+        getattr(self.tracker, method)(*args)
+
+
+class RemoteTracker:
+    """Rank 0's side of :class:`TrackerActor`: the RunTracker calls, sent in order; ``flush`` (after
+    every validation) waits for them. Closing it only flushes: the driver closes the tracker."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def log_scalars(self, step: int, scalars: dict[str, Any]) -> None:
+        self.actor.track.remote("log_scalars", step, dict(scalars))
+
+    def log_stage(self, step: int, name: str, depth: int) -> None:
+        self.actor.track.remote("log_stage", step, name, depth)
+
+    def flush(self) -> None:
+        import ray
+
+        ray.get(self.actor.track.remote("flush"))
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> RemoteTracker:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class LedgerActor(TrackerActor):
+    """The plan's ledger on the driver's node (the run directory is there): tells (re)started
+    workers where to begin and records their stages. It also hosts rank 0's tracker."""
+
+    def __init__(self, run_dir: str, job: dict[str, Any], env: dict[str, str]):
+        os.environ.update(env)
+        from stackrec_dist.growth.ledger import PlanLedger
+
+        super().__init__(job)
+        self.ledger = PlanLedger(run_dir, [s.name for s in self.job.plan])
+
+    def resume_point(self, segment: list[int]) -> dict[str, Any] | None:
+        from stackrec_dist.growth.segment import resume_point
+
+        point = resume_point(self.job, self.ledger, segment)
+        if point is None:
+            return None
+        return {"positions": point.positions, "model_config": config_to_dict(point.model_cfg),
+                "weights": point.weights, "parent": point.parent, "step_offset": point.step_offset,
+                "last_step_end_t": point.last_step_end_t}
+
+    def record(self, rec: dict[str, Any], weights, model_cfg: dict[str, Any], info: dict[str, Any], best) -> str:
+        from stackrec_dist.config import ModelConfig, from_dict
+        from stackrec_dist.growth.ledger import StageRecord
+
+        return self.ledger.record(StageRecord(**rec), weights, from_dict(ModelConfig, model_cfg, "model"), info, best)
+
+
+def _on_driver_node(cls: type, *args: Any):
+    """An actor of ``cls`` pinned to the driver's node (no CPU reserved)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, max_restarts=0)(cls).options(scheduling_strategy=here).remote(*args)
+
+
+def _tracking_on(job: JobConfig) -> bool:
+    return bool(job.tracking.tensorboard or job.tracking.mlflow_uri)
+
+
+def _close_tracker(actor) -> None:
     import ray
 
-    @ray.remote(num_cpus=0, max_restarts=0)
-    class LedgerActor:
-        def __init__(self, run_dir: str, job: dict[str, Any], env: dict[str, str]):
-            os.environ.update(env)
-            from stackrec_dist.growth.ledger import PlanLedger
-
-            self.job = config_from_dict(job, source="<ledger>")
-            self.ledger = PlanLedger(run_dir, [s.name for s in self.job.plan])
-
-        def resume_point(self, segment: list[int]) -> dict[str, Any] | None:
-            from stackrec_dist.growth.segment import resume_point
-
-            point = resume_point(self.job, self.ledger, segment)
-            if point is None:
-                return None
-            return {"positions": point.positions, "model_config": config_to_dict(point.model_cfg),
-                    "weights": point.weights, "parent": point.parent, "step_offset": point.step_offset,
-                    "last_step_end_t": point.last_step_end_t}
-
-        def record(self, rec: dict[str, Any], weights, model_cfg: dict[str, Any], info: dict[str, Any], best) -> str:
-            from stackrec_dist.config import ModelConfig, from_dict
-            from stackrec_dist.growth.ledger import StageRecord
-
-            return self.ledger.record(StageRecord(**rec), weights, from_dict(ModelConfig, model_cfg, "model"), info, best)
-
-    return LedgerActor
+    ray.get(actor.track.remote("close"))
 
 
 def run_segment_on_ray(cfg: JobConfig, segment: list[int], run_dir: Path, ledger,
@@ -367,7 +438,6 @@ def run_segment_on_ray(cfg: JobConfig, segment: list[int], run_dir: Path, ledger
     """One worker group runs a plan segment, growing in place; its records reach ``ledger``'s file
     through an actor on this (the driver's) node, which also tells (re)started workers where to begin."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from stackrec_dist.growth.segment import stage_workers
     from stackrec_dist.growth.ledger import fault_injection_env
@@ -375,19 +445,19 @@ def run_segment_on_ray(cfg: JobConfig, segment: list[int], run_dir: Path, ledger
     job = for_workers(cfg)
     choice = cluster_device(job)
     workers, _ = stage_workers(job, job.plan[segment[0]])
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    actor = _ledger_actor_class().options(scheduling_strategy=here).remote(
-        str(run_dir), config_to_dict(job), fault_injection_env())
+    actor = _on_driver_node(LedgerActor, str(run_dir), config_to_dict(job), fault_injection_env())
     try:
         loop_config = {
             "job": config_to_dict(job), "device": choice.kind,
             "options": dataclasses.asdict(options or LoopOptions()),
+            "tracker": actor if _tracking_on(job) else None,
             "segment": {"positions": segment, "run_dir": str(run_dir), "run_id": ledger.run_id, "ledger": actor},
         }
         # One Ray run per segment, named after its first stage and the plan run: a rerun after a
         # crash finds that run's checkpoints again (Ray Train restores a run by name and storage).
         name = f"{job.name}-{job.plan[segment[0]].name}-{ledger.run_id}"
         _fit(build_trainer(job, loop_config, name, choice, workers))
+        _close_tracker(actor)
     finally:
         ray.kill(actor)
 
@@ -403,10 +473,18 @@ def fit_distributed(job: JobConfig, options: LoopOptions | None = None, init_sta
     job = for_workers(job)
     with ray_session(job):
         choice = cluster_device(job)
-        loop_config = {"job": config_to_dict(job), "device": choice.kind,
-                       "options": dataclasses.asdict(options or LoopOptions()),
-                       "init_state": ray.put(init_state) if init_state is not None else None}
-        return _fit(build_trainer(job, loop_config, job.name, choice, job.distributed.num_workers))
+        tracker = _on_driver_node(TrackerActor, config_to_dict(job)) if _tracking_on(job) else None
+        try:
+            loop_config = {"job": config_to_dict(job), "device": choice.kind,
+                           "options": dataclasses.asdict(options or LoopOptions()), "tracker": tracker,
+                           "init_state": ray.put(init_state) if init_state is not None else None}
+            result = _fit(build_trainer(job, loop_config, job.name, choice, job.distributed.num_workers))
+            if tracker is not None:
+                _close_tracker(tracker)
+            return result
+        finally:
+            if tracker is not None:
+                ray.kill(tracker)
 
 
 def local_checkpoint_dir(job: JobConfig, result) -> Path | None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stackrec_dist.growth.coordinator import Coordinator
-from stackrec_dist.growth.ledger import PLAN_STATE, STAGE_MANIFEST, verify_stage_output
+from stackrec_dist.growth.ledger import PLAN_STATE, STAGE_MANIFEST, WIPE_ENV, verify_stage_output
 from stackrec_dist.train.checkpoint import open_checkpoint
 from stackrec_dist.models import build_model
 from tests.growth.plan_runner import PerturbRunner, job
@@ -132,3 +132,25 @@ def test_leftover_temporary_directories_are_removed(tmp_path):
     (tmp_path / "grow-4" / ".grown.tmp-999").mkdir(parents=True)
     Coordinator(job(), tmp_path, stage_trainer=PerturbRunner(tmp_path)).run()
     assert not list(tmp_path.glob("*/.*.tmp-*"))
+
+
+def test_wipe_hook_empties_the_scratch_at_every_stage_end(tmp_path, monkeypatch):
+    """The two-node test's hook (STACKREC_WIPE_AT_STAGE_END) in one process: each stage starts with
+    the scratch emptied of what the stages before it left there, and the plan still finishes."""
+    scratch, run_dir = tmp_path / "scratch", tmp_path / "run"
+    scratch.mkdir()
+    monkeypatch.setenv(WIPE_ENV, str(scratch))
+    seen = []
+
+    class LeavesFiles(PerturbRunner):
+        def __call__(self, job, world, init_state, stage, run_id, sink, **kw):
+            seen.append(sorted(p.name for p in scratch.iterdir()))
+            (scratch / f"left-by-{stage}").mkdir()
+            (scratch / f"left-by-{stage}.txt").write_text("x")
+            return super().__call__(job, world, init_state, stage, run_id, sink, **kw)
+
+    run_dir.mkdir()
+    state = Coordinator(job(), run_dir, stage_trainer=LeavesFiles(run_dir)).run()
+    assert seen == [[], [], []]
+    assert scratch.is_dir() and not list(scratch.iterdir())
+    assert state.done[-1].blocks == 8

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,31 +20,10 @@ from typing import Iterator
 
 import pytest
 
+from tests.fixtures.processes import free_port, session_pids, stop_session
+
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    # Bind 127.0.0.1:0 -> an ephemeral port (32768+), outside Ray's worker port range 10002-19999.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def session_pids(sid: int) -> list[int]:
-    """Pids of live processes whose session id is ``sid`` (the head's setsid session)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # fields after the command: state ppid pgrp session ...
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(entry.name))
-    return pids
 
 
 @dataclass
@@ -68,29 +45,6 @@ def _dashboard_dependency_error() -> str | None:
         return str(err)
     err = get_dashboard_dependency_error()
     return str(err) if err else None
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        left = session_pids(proc.pid)
-        if not left:
-            break
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL if time.monotonic() > deadline - 5 else signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")
@@ -151,7 +105,7 @@ def start_ray_head(auth_mode: str = "disabled", auth_token_path: Path | None = N
         _wait_ready(head, proc, timeout_s=180)
         yield head
     finally:
-        _stop(proc)
+        stop_session(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -188,6 +188,11 @@ def test_zero3_checkpoint_of_two_workers_goes_through_evaluate_grow_and_init(ray
     out = capsys.readouterr().out
     trained = json.loads(out.splitlines()[-1].split(" ", 1)[1])
     assert "test" in out and trained["test/count"] == 300
+    # Rank 0's tracking, written by the tracker actor on the driver's node into the run directory.
+    from tests.train.test_tracking import read_events
+
+    events = sorted((run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert [step for step, _ in read_events(events[0].parent)[0]["valid/ndcg@5"]] == [2, 4]
     last = run / "last"
     assert json.loads((last / "train_state.json").read_text())["engine"]["world_size"] == 2
     assert main(["evaluate", *common, "--checkpoint", str(last), "--split", "test"]) == 0
