@@ -160,6 +160,15 @@ class DataConfig:
         "pad: one sequence per window, left-padded; concat: join short sequences into full windows.",
         default="pad",
     )
+    window_stride: int = _doc(
+        "Step S between training windows, 1 <= S <= max_len (0 = max_len: non-overlapping windows). "
+        "Windows of L + 1 items are cut from the end every S transitions and only the last S "
+        "positions of each are targets, so every transition is still a target once and has at "
+        "least L - S + 1 items of history (or all it has, near a sequence's start). Costs L/S times "
+        "the windows, steps and tokens per epoch at the same batch_size (S = L/2: twice; "
+        "docs/data.md, Windows).",
+        default=0,
+    )
     seed: int = _doc("Shuffle seed.", default=0)
     storage_options: dict[str, Any] = _doc(
         "fsspec storage options (e.g. endpoint_url). Credentials come from the environment.",
@@ -180,10 +189,17 @@ class DataConfig:
         default=10.0,
     )
 
+    @property
+    def stride(self) -> int:
+        """The step S between training windows: ``window_stride``, or ``max_len`` when it is 0."""
+        return self.window_stride or self.max_len
+
     def validate(self, prefix: str = "data") -> None:
         _check(bool(self.path), f"{prefix}.path", "must be set", self.path)
         _check(self.storage_retry_s >= 0, f"{prefix}.storage_retry_s", "must be >= 0", self.storage_retry_s)
         _check(self.max_len > 1, f"{prefix}.max_len", "must be > 1", self.max_len)
+        _check(0 <= self.window_stride <= self.max_len, f"{prefix}.window_stride",
+               f"must be in [0, max_len={self.max_len}] (0 = max_len)", self.window_stride)
         _check(self.batch_size > 0, f"{prefix}.batch_size", "must be > 0", self.batch_size)
         _check(self.shuffle_buffer >= 1, f"{prefix}.shuffle_buffer", "must be >= 1", self.shuffle_buffer)
         _check(self.num_workers >= 0, f"{prefix}.num_workers", "must be >= 0", self.num_workers)

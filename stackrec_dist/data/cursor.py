@@ -5,8 +5,10 @@ the consumer's process records the pieces it *received* (not what workers prefet
 per unit in flight and a bitmap of finished units. A resumed reader skips finished units and the
 received pieces of unfinished ones: nothing is lost or repeated, whatever the shuffle buffer held.
 Cursors of several ranks merge by union (``merge_cursors``), so a run can resume on another world
-size: the union of the remaining units is restrided. States are plain types (checkpoints are
-loaded with ``weights_only=True``).
+size: the union of the remaining units is restrided. Piece ids depend on the window layout
+(``data.max_len`` and ``data.window_stride``), which the state records and a resume must match
+(``check_window_layout``). States are plain types (checkpoints are loaded with
+``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -95,12 +97,15 @@ class Cursor:
                 del self.partial[unit]
                 self.done[unit] = True
 
-    def state_dict(self, rank: int, world_size: int, dataset: str, split: str, seed: int) -> dict[str, Any]:
+    def state_dict(self, rank: int, world_size: int, dataset: str, split: str, seed: int,
+                   max_len: int | None, window_stride: int | None) -> dict[str, Any]:
         return {
             "version": CURSOR_VERSION,
             "dataset": dataset,
             "split": split,
             "seed": seed,
+            "max_len": max_len,
+            "window_stride": window_stride,
             "epoch": self.epoch,
             "num_units": self.num_units,
             "rank": rank,
@@ -139,8 +144,8 @@ def merge_cursors(states: list[dict[str, Any]]) -> dict[str, Any]:
     if not states:
         raise ValueError("merge_cursors needs at least one cursor")
     first = states[0]
-    for key in ("version", "dataset", "split", "seed", "epoch", "num_units"):
-        values = {s[key] for s in states}
+    for key in ("version", "dataset", "split", "seed", "epoch", "num_units", "max_len", "window_stride"):
+        values = {s.get(key) for s in states}
         if len(values) != 1:
             raise ValueError(f"cursors disagree on {key}: {sorted(map(str, values))}; they must come "
                              "from the ranks of one run saved at the same step")
@@ -168,7 +173,22 @@ def merge_cursors(states: list[dict[str, Any]]) -> dict[str, Any]:
             del merged.partial[u]
     merged.merged = True
     merged.complete = bool(merged.done.all())
-    out = merged.state_dict(0, 1, first["dataset"], first["split"], int(first["seed"]))
+    out = merged.state_dict(0, 1, first["dataset"], first["split"], int(first["seed"]), first.get("max_len"),
+                            first.get("window_stride"))
     out["world_size"] = None
     out["rank"] = None
     return out
+
+
+def check_window_layout(state: dict[str, Any], max_len: int, stride: int) -> None:
+    """Refuse a cursor whose pieces were cut with another window layout: piece ids are positions in
+    the pieces of ``data.max_len`` / ``data.window_stride`` (``windows.py``), so a cursor saved with
+    one layout would skip or repeat windows of another. A cursor written before the layout was
+    recorded was cut with stride = its max_len (unknown, taken as this reader's)."""
+    saved_len = state.get("max_len") or max_len
+    saved_stride = state.get("window_stride") or saved_len
+    for field, saved, mine in (("data.max_len", saved_len, max_len), ("data.window_stride", saved_stride, stride)):
+        if saved != mine:
+            raise ValueError(f"data cursor was saved with {field}={saved}, this reader has {field}={mine}: "
+                             "its pieces are cut differently; resume with the saved value or start the "
+                             "stage afresh")

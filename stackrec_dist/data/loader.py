@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from stackrec_dist.config import DataConfig
 
-from .cursor import CURSOR_VERSION, Cursor, merge_cursors
+from .cursor import CURSOR_VERSION, Cursor, check_window_layout, merge_cursors
 from .stream import CURSOR_META, SequenceStream
 
 
@@ -81,7 +81,7 @@ class StatefulLoader:
 
     def state_dict(self) -> dict[str, Any]:
         d = self.dataset
-        return self.cursor.state_dict(d.rank, d.world_size, d.fingerprint, d.split, d.cfg.seed)
+        return self.cursor.state_dict(d.rank, d.world_size, d.fingerprint, d.split, d.cfg.seed, d.L, d.stride)
 
     def global_state_dict(self) -> dict[str, Any]:
         """The merged cursor of all ranks (every rank gets the same); local when not distributed."""
@@ -108,6 +108,7 @@ class StatefulLoader:
             if state[key] != mine:
                 raise ValueError(f"data cursor is for {key}={state[key]!r}, this reader has {mine!r}: "
                                  "a cursor only resumes the dataset/split/seed it was saved from")
+        check_window_layout(state, d.L, d.stride)
         if not state["merged"]:
             layout = state.get("layout")
             if (state["world_size"], state["rank"]) != (d.world_size, d.rank) or (

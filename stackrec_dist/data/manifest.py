@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 
 from .errors import ManifestError, MissingShardError, SchemaError
 from .storage import display_path, open_fs  # noqa: F401  (open_fs re-exported for writers)
+from .windows import pairs_per_row, pieces_per_row
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
@@ -77,24 +79,33 @@ class SplitInfo:
     rows: int
     shards: list[ShardInfo] = field(default_factory=list)
     # Histogram of the rows' sequence lengths: {"length": [n, ...] ascending, "count": [rows, ...]}.
-    # The epoch's window count for any max_len L and either packing follows exactly
-    # (sum count * ceil((n-1)/L), sum count * (n-1)) without opening a shard. None in manifests
-    # written before it existed.
+    # The epoch's window count for any max_len L, window stride S and either packing follows
+    # (sum count * ceil((n-1)/S) exactly; the (input, target) pairs concat packs) without opening
+    # a shard. None in manifests written before it existed.
     length_histogram: dict[str, list[int]] | None = None
 
-    def windows(self, max_len: int) -> int:
-        """Pad-layout windows of this split: sum over rows of ceil((n - 1) / max_len)."""
-        h = self._histogram()
-        return sum(c * ((max(n - 1, 0) + max_len - 1) // max_len) for n, c in h)
+    def windows(self, max_len: int, stride: int = 0) -> int:
+        """Pad-layout windows of this split: sum over rows of ceil((n - 1) / S), S = ``stride`` or
+        ``max_len`` when 0 (``windows.pieces_per_row``)."""
+        lengths, counts = self._histogram()
+        return int((counts * pieces_per_row(lengths, stride or max_len)).sum())
+
+    def pairs(self, max_len: int, stride: int = 0) -> int:
+        """(input, target) pairs of those windows (``windows.pairs_per_row``): the transitions when
+        ``stride`` is 0 or ``max_len``; what ``pack="concat"`` lays into windows of ``max_len``."""
+        lengths, counts = self._histogram()
+        return int((counts * pairs_per_row(lengths, max_len, stride or max_len)).sum())
 
     def transitions(self) -> int:
         """Next-item transitions of this split: sum over rows of n - 1."""
-        return sum(c * max(n - 1, 0) for n, c in self._histogram())
+        lengths, counts = self._histogram()
+        return int((counts * np.maximum(lengths - 1, 0)).sum())
 
-    def _histogram(self) -> list[tuple[int, int]]:
+    def _histogram(self) -> tuple[np.ndarray, np.ndarray]:
         if self.length_histogram is None:
             raise ValueError("no length_histogram in this manifest split")
-        return list(zip(self.length_histogram["length"], self.length_histogram["count"]))
+        h = self.length_histogram
+        return np.asarray(h["length"], np.int64), np.asarray(h["count"], np.int64)
 
 
 @dataclass

@@ -64,6 +64,7 @@ class SequenceStream(IterableDataset):
         self.world_size = world_size
         self.batch_size = data_cfg.batch_size // world_size
         self.L = data_cfg.max_len
+        self.stride = data_cfg.stride  # pieces end every `stride` transitions (windows.py)
         # Opens the split: manifest, units, shards verified (once per process) before training.
         self.source = SplitReader(data_cfg, split, check_timestamps=check_timestamps,
                                   verify_checksums=verify_checksums, prefetch=prefetch,
@@ -163,7 +164,7 @@ class SequenceStream(IterableDataset):
 
         for data in self.source.read_ahead(units):
             u = data.unit.index
-            total = int(row_pieces(data.lengths, L)[0].shape[0])
+            total = int(row_pieces(data.lengths, self.stride)[0].shape[0])
             new_units.append([u, total, data.bad_rows, int(data.bad_row_group)])
             if not cursor.seen(u):
                 self._stats.add_unit(data.bad_rows, int(data.bad_row_group))
@@ -172,7 +173,7 @@ class SequenceStream(IterableDataset):
                 self._stats.add_quarantine([data.quarantine_file])
             received = cursor.partial[u][1] if u in cursor.partial else None
             inputs, targets, pieces = unit_windows(data.values, data.offsets, data.lengths, received, L,
-                                                   self.cfg.pack, rng, self.cfg.shuffle_buffer > 1)
+                                                   self.cfg.pack, rng, self.cfg.shuffle_buffer > 1, self.stride)
             unit_col = np.full(len(inputs), u, np.int64)
             if S > 1:
                 buf_i = np.concatenate([buf_i, inputs])

@@ -29,7 +29,7 @@ from stackrec_dist.config import DataConfig, LossConfig
 from stackrec_dist.data.errors import DataError, ManifestError
 from stackrec_dist.data.manifest import Manifest, open_fs, read_manifest
 from stackrec_dist.data.storage import display_path, retrying, storage_errors
-from stackrec_dist.data.windows import pieces_per_row
+from stackrec_dist.data.windows import pairs_per_row, pieces_per_row
 
 log = logging.getLogger(__name__)
 
@@ -50,30 +50,31 @@ def dataset_num_items(data_cfg: DataConfig) -> int:
 
 
 def count_windows(data_cfg: DataConfig, split: str = "train") -> int:
-    """Training windows in one epoch: a sequence of n items gives ceil((n - 1) / L) windows
-    (``pack="pad"``, exact); ``pack="concat"``: ceil(transitions / L), the number of full windows
-    the transitions fill (packing stays within a row group, so the reader may emit a few more,
-    partly padded ones)."""
+    """Training windows in one epoch: a sequence of n items gives ceil((n - 1) / S) windows, S =
+    ``data_cfg.stride`` (``pack="pad"``, exact); ``pack="concat"``: ceil(pairs / L), the number of
+    full windows the windows' (input, target) pairs fill (the transitions when S = L; packing
+    stays within a row group, so the reader may emit a few more, partly padded ones)."""
     fs, root, manifest = _manifest(data_cfg)
     if split not in manifest.splits:
         raise ManifestError(f"split {split!r} not in the manifest (splits: {sorted(manifest.splits)})",
                             path=display_path(fs, root), field="splits")
     info = manifest.splits[split]
     if info.length_histogram is not None:
-        windows, transitions = info.windows(data_cfg.max_len), info.transitions()
+        L, S = data_cfg.max_len, data_cfg.stride
+        windows, pairs = info.windows(L, S), info.pairs(L, S)
     else:
         log.warning("%s: the manifest has no splits.%s.length_histogram (prepared by an older version); "
                     "counting windows by reading every shard. Re-run `stackrec prepare` to make start-up "
                     "independent of the data size.", display_path(fs, root), split)
-        windows, transitions = _scan_windows(fs, root, manifest, split, data_cfg.max_len)
+        windows, pairs = _scan_windows(fs, root, manifest, split, data_cfg.max_len, data_cfg.stride)
     if data_cfg.pack == "concat":
-        return math.ceil(transitions / data_cfg.max_len)
+        return math.ceil(pairs / data_cfg.max_len)
     return windows
 
 
-def _scan_windows(fs, root: str, manifest: Manifest, split: str, max_len: int) -> tuple[int, int]:
-    """(windows, transitions) from the shards themselves: the fallback for old manifests."""
-    windows = transitions = 0
+def _scan_windows(fs, root: str, manifest: Manifest, split: str, max_len: int, stride: int) -> tuple[int, int]:
+    """(windows, pairs) from the shards themselves: the fallback for old manifests."""
+    windows = pairs = 0
     for path in manifest.shard_paths(split):
         # One row group at a time: memory stays bounded on shards of any size.
         with fs.open(f"{root}/{path}", "rb") as f:
@@ -81,9 +82,9 @@ def _scan_windows(fs, root: str, manifest: Manifest, split: str, max_len: int) -
             for rg in range(parquet.num_row_groups):
                 column = parquet.read_row_group(rg, columns=["item_ids"]).column("item_ids")
                 lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-                transitions += int(np.maximum(lengths - 1, 0).sum())
-                windows += int(pieces_per_row(lengths, max_len).sum())
-    return windows, transitions
+                pairs += int(pairs_per_row(lengths, max_len, stride).sum())
+                windows += int(pieces_per_row(lengths, stride).sum())
+    return windows, pairs
 
 
 def steps_per_epoch(data_cfg: DataConfig, split: str = "train") -> int:

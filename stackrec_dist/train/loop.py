@@ -324,7 +324,10 @@ class TrainLoop:
         cursor = checkpoint.cursor(self.world.rank)
         if cursor is None:
             raise CheckpointError(f"{checkpoint.source} has no data cursor of rank {self.world.rank}")
-        self.train_loader.load_state_dict(cursor["loader"])
+        try:
+            self.train_loader.load_state_dict(cursor["loader"])
+        except ValueError as err:  # another dataset, split, seed or window layout (data.window_stride)
+            raise CheckpointError(f"{checkpoint.source}: {err}") from None
         # A rank that had finished its share of the epoch waits (all-pad steps) for the others.
         self.exhausted, self._iter = bool(cursor["exhausted"]), None
         self.best_state = checkpoint.best_model_state() if self.world.is_main else None

@@ -293,6 +293,58 @@ def test_cursor_of_another_dataset_is_refused(tmp_path):
         build_train_loader(cfg_for(str(tmp_path / "b"))).load_state_dict(a.state_dict())
 
 
+@pytest.mark.parametrize("pack", ["pad", "concat"])
+def test_window_stride_every_transition_once_and_resume(tmp_path, pack):
+    shards, targets = identified_dataset(str(tmp_path / "ds"))
+    cfg = cfg_for(str(tmp_path / "ds"), shuffle_buffer=40, pack=pack, window_stride=3)
+    whole = list(build_train_loader(cfg))
+    check_pairs(whole)
+    assert sorted(received_targets(whole)) == targets
+    first = build_train_loader(cfg)
+    head = _consume(first, 7)
+    second = build_train_loader(cfg)
+    second.load_state_dict(first.state_dict())
+    assert sorted(received_targets(head) + received_targets(list(second))) == targets
+
+
+def test_window_stride_0_is_max_len_batch_for_batch(tmp_path):
+    identified_dataset(str(tmp_path / "ds"))
+    for pack in ("pad", "concat"):
+        runs = [list(build_train_loader(cfg_for(str(tmp_path / "ds"), shuffle_buffer=40, pack=pack,
+                                                window_stride=s))) for s in (0, 10)]
+        assert len(runs[0]) == len(runs[1])
+        for a, b in zip(*runs):
+            assert torch.equal(a["inputs"], b["inputs"]) and torch.equal(a["targets"], b["targets"])
+
+
+def test_cursor_of_another_window_layout_is_refused(tmp_path):
+    identified_dataset(str(tmp_path / "ds"))
+    uri = str(tmp_path / "ds")
+    a = build_train_loader(cfg_for(uri, window_stride=3))
+    _consume(a, 2)
+    state = a.state_dict()
+    assert (state["max_len"], state["window_stride"]) == (10, 3)
+    with pytest.raises(ValueError, match="data.window_stride=3, this reader has data.window_stride=5"):
+        build_train_loader(cfg_for(uri, window_stride=5)).load_state_dict(state)
+    with pytest.raises(ValueError, match="data.window_stride=3, this reader has data.window_stride=10"):
+        build_train_loader(cfg_for(uri)).load_state_dict(state)
+    with pytest.raises(ValueError, match="data.max_len=10, this reader has data.max_len=12"):
+        build_train_loader(cfg_for(uri, max_len=12, window_stride=3)).load_state_dict(state)
+    b = build_train_loader(cfg_for(uri, window_stride=5))
+    _consume(b, 1)
+    with pytest.raises(ValueError, match="cursors disagree on window_stride"):
+        merge_cursors([state, b.state_dict()])
+    # stride 0 is max_len: the same pieces, so the cursor resumes
+    c = build_train_loader(cfg_for(uri, window_stride=0))
+    _consume(c, 2)
+    build_train_loader(cfg_for(uri, window_stride=10)).load_state_dict(c.state_dict())
+    # a cursor saved before the layout was recorded was cut without overlap
+    legacy = {k: v for k, v in c.state_dict().items() if k not in ("max_len", "window_stride")}
+    build_train_loader(cfg_for(uri)).load_state_dict(legacy)
+    with pytest.raises(ValueError, match="data.window_stride=10, this reader has data.window_stride=3"):
+        build_train_loader(cfg_for(uri, window_stride=3)).load_state_dict(legacy)
+
+
 def test_state_survives_torch_save_weights_only(tmp_path):
     identified_dataset(str(tmp_path / "ds"))
     ld = build_train_loader(cfg_for(str(tmp_path / "ds"), shuffle_buffer=20))

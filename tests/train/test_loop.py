@@ -59,6 +59,19 @@ def test_whole_epochs_stop_at_the_epoch_end(tiny_dataset, tmp_path):
     assert summary["epochs"] == 2 and summary["steps"] == 2 * loop.steps_per_epoch
 
 
+def test_checkpoint_of_another_window_stride_is_refused(tiny_dataset, tmp_path):
+    cfg = _cfg(tiny_dataset, tmp_path, max_steps=4, eval_every=4)
+    cfg.data.window_stride = 5
+    first = _loop(cfg)
+    first.total_steps = 2
+    first.fit()
+    cfg.data.window_stride = 10
+    with pytest.raises(CheckpointError, match="data.window_stride=5, this reader has data.window_stride=10"):
+        _loop(cfg, resume=True).load(open_checkpoint(tmp_path / "ck" / "last"))
+    cfg.data.window_stride = 5
+    _loop(cfg, resume=True).load(open_checkpoint(tmp_path / "ck" / "last"))
+
+
 def test_resume_restores_every_named_state(tiny_dataset, tmp_path):
     """Stop after 7 of 14 steps, rebuild from the checkpoint: model, optimizer, schedule, counters
     and data cursor continue (the reader resumes exactly-once, not in the same order: see docs/data.md)."""
