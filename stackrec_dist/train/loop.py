@@ -143,6 +143,9 @@ class CheckpointSink(Protocol):
     def latest(self) -> Checkpoint | None:
         """The checkpoint to resume this stage from, if any."""
 
+    def release(self) -> None:
+        """Called once what :meth:`latest` returned has been loaded (or not used)."""
+
     def save(self, loop: TrainLoop, metrics: dict[str, Any]) -> None:
         """Persist the loop's named states (every rank calls it) and publish ``metrics``."""
 
@@ -159,6 +162,9 @@ class LocalSink:
         if not self.resume or not last.exists():
             return None
         return open_checkpoint(last)
+
+    def release(self) -> None:
+        """The checkpoint from :meth:`latest` has been read (nothing to clean up here)."""
 
     def save(self, loop: TrainLoop, metrics: dict[str, Any]) -> None:
         write_atomically(self.directory / "last", loop.write_parts)
@@ -452,10 +458,13 @@ class TrainLoop:
     def fit(self) -> dict[str, Any]:
         """Train until the stage's stop rule; returns a summary (steps, timings, best metric, history)."""
         checkpoint = self.sink.latest() if self.options.checkpoint else None
-        if checkpoint is not None and self.belongs_here(checkpoint):
-            self.load(checkpoint)
-        elif self.consumed_path is not None and self.consumed_path.exists():
-            self.consumed_path.unlink()  # a (re)start from scratch consumes everything again
+        try:
+            if checkpoint is not None and self.belongs_here(checkpoint):
+                self.load(checkpoint)
+            elif self.consumed_path is not None and self.consumed_path.exists():
+                self.consumed_path.unlink()  # a (re)start from scratch consumes everything again
+        finally:
+            self.sink.release()
         eval_every = self.job.train.eval_every or self.steps_per_epoch
         start = time.perf_counter() - self.state.elapsed_s
         running, since, steps_this_epoch = 0.0, 0, 0

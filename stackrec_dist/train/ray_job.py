@@ -197,6 +197,7 @@ class RaySink:
         # Block after each report until Ray's controller has registered it (it polls workers
         # every 2 s): a worker dying inside that window would lose the checkpoint.
         self.wait_for_commit = wait_for_commit
+        self._restored: Path | None = None  # the local copy latest() made, removed by release()
 
     def latest(self) -> Checkpoint | None:
         import ray.train
@@ -204,9 +205,16 @@ class RaySink:
         checkpoint = None if _REPORTED_HERE else ray.train.get_checkpoint()
         if checkpoint is None:
             return None
-        local = Path(tempfile.mkdtemp(prefix="stackrec-restore-"))
-        checkpoint.to_directory(str(local))
-        return open_checkpoint(local) if (local / COMPLETE_MARKER).exists() else None
+        self.release()
+        self._restored = Path(tempfile.mkdtemp(prefix="stackrec-restore-"))
+        checkpoint.to_directory(str(self._restored))
+        return open_checkpoint(self._restored) if (self._restored / COMPLETE_MARKER).exists() else None
+
+    def release(self) -> None:
+        """The restored checkpoint has been loaded: its local copy goes (one per resume otherwise)."""
+        if self._restored is not None:
+            shutil.rmtree(self._restored, ignore_errors=True)
+            self._restored = None
 
     def save(self, loop: TrainLoop, metrics: dict[str, Any]) -> None:
         import ray.train
