@@ -46,6 +46,8 @@ RUNS = [
      _variant("nextitnet4s25", data__window_stride=25), NEXTITNET),
     ("nextitnet16", "NextItNet-16", "configs/ml1m_anchor_nextitnet4.yaml",
      _variant("nextitnet16", model__num_blocks=16, train__epochs=20), NEXTITNET),
+    ("nextitnet16s25", "NextItNet-16, stride 25", "configs/ml1m_anchor_nextitnet4.yaml",
+     _variant("nextitnet16s25", model__num_blocks=16, train__epochs=20, data__window_stride=25), NEXTITNET),
     ("sasrec2", "SASRec-2", "configs/ml1m_anchor_sasrec2.yaml", [], SASREC),
     ("sasrec2s25", "SASRec-2, stride 25", "configs/ml1m_anchor_sasrec2.yaml",
      _variant("sasrec2s25", data__window_stride=25), SASREC),
