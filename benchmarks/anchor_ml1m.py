@@ -104,11 +104,13 @@ def _table(results: dict[str, dict]) -> str:
             continue
         mrr_pub = f"{pub['mrr@10']:.4f}" if "mrr@10" in pub else "n/a"
         lines.append(
-            f"| {label} | **{r['test/ndcg@10']:.4f}** | {r['test/hr@10']:.4f} | {r['test/mrr@10']:.4f} "
+            f"| {label}{' (see below)' if r.get('note') else ''} | **{r['test/ndcg@10']:.4f}** | {r['test/hr@10']:.4f} | {r['test/mrr@10']:.4f} "
             f"| {r['test/ndcg@5']:.4f} | {pub['ndcg@10']:.4f} | {pub['hr@10']:.4f} | {mrr_pub} "
             f"| {r['test/ndcg@10'] / pub['ndcg@10']:.2f} | {r['best_valid_ndcg@5']:.4f} ({r['best_step']}) "
             f"| {r['steps']} |")
-    return "\n".join(lines)
+    notes = [f"- {label}: {results[name]['note']}." for name, label, *_ in RUNS
+             if name in results and results[name].get("note")]
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def _headline(results: dict[str, dict]) -> None:
