@@ -401,6 +401,11 @@ class TrackingConfig:
     mlflow_uri: str = _doc("MLflow tracking URI ('' = no MLflow); needs `pip install mlflow`.", default="")
     mlflow_experiment: str = _doc("MLflow experiment name.", default="stackrec")
 
+    @property
+    def enabled(self) -> bool:
+        """Whether any tracking sink is configured."""
+        return bool(self.tensorboard or self.mlflow_uri)
+
     def with_default_dir(self, checkpoint_dir: str) -> "TrackingConfig":
         """This config with ``dir`` resolved: ``<checkpoint_dir>/tensorboard`` when empty."""
         return self if self.dir else dataclasses.replace(self, dir=f"{str(checkpoint_dir).rstrip('/')}/tensorboard")

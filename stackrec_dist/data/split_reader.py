@@ -66,7 +66,6 @@ class SplitReader:
         # not grow with the data, and no byte is read twice (hashing whole shards on first read
         # made every worker read every shard it touched). ``verify_at_start`` checks every
         # shard's footer up front instead.
-        self.verified_at_start = verify_at_start
         if verify_at_start:
             self.verify_shards()
 

@@ -431,10 +431,6 @@ def _on_driver_node(cls: type, *args: Any):
     return ray.remote(num_cpus=0, max_restarts=0)(cls).options(scheduling_strategy=here).remote(*args)
 
 
-def _tracking_on(job: JobConfig) -> bool:
-    return bool(job.tracking.tensorboard or job.tracking.mlflow_uri)
-
-
 def _close_tracker(actor) -> None:
     import ray
 
@@ -458,7 +454,7 @@ def run_segment_on_ray(cfg: JobConfig, segment: list[int], run_dir: Path, ledger
         loop_config = {
             "job": config_to_dict(job), "device": choice.kind,
             "options": dataclasses.asdict(options or LoopOptions()),
-            "tracker": actor if _tracking_on(job) else None,
+            "tracker": actor if job.tracking.enabled else None,
             "segment": {"positions": segment, "run_dir": str(run_dir), "run_id": ledger.run_id, "ledger": actor},
         }
         # One Ray run per segment, named after its first stage and the plan run: a rerun after a
@@ -481,7 +477,7 @@ def fit_distributed(job: JobConfig, options: LoopOptions | None = None, init_sta
     job = for_workers(job)
     with ray_session(job):
         choice = cluster_device(job)
-        tracker = _on_driver_node(TrackerActor, config_to_dict(job)) if _tracking_on(job) else None
+        tracker = _on_driver_node(TrackerActor, config_to_dict(job)) if job.tracking.enabled else None
         try:
             loop_config = {"job": config_to_dict(job), "device": choice.kind,
                            "options": dataclasses.asdict(options or LoopOptions()), "tracker": tracker,

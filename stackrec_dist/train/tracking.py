@@ -150,7 +150,7 @@ class RunTracker:
         ``cfg.dir`` must be resolved (``cfg.with_default_dir(train.checkpoint_dir)``) when
         TensorBoard is on. Raises ``ConfigError`` (the CLI's "config error", exit 2) for an empty
         dir or run name, and naming the package when a configured sink's package is missing."""
-        if not enabled or not (cfg.tensorboard or cfg.mlflow_uri):
+        if not enabled or not cfg.enabled:
             return cls([])
         if not run_name or "/" in run_name:
             raise ConfigError(f"tracker run name must be a non-empty name without '/', got {run_name!r}")
