@@ -128,6 +128,7 @@ def _reader(data_cfg, seconds: float) -> dict[str, float]:
 
 def run_size(n: int, args: argparse.Namespace, server, work: Path) -> dict:
     from stackrec_dist.config import DataConfig
+    from stackrec_dist.data.manifest import read_manifest
     from stackrec_dist.data.storage import open_fs
     from stackrec_dist.data.synthetic_scale import ScaleParams, write_raw_interactions
 
@@ -152,8 +153,6 @@ def run_size(n: int, args: argparse.Namespace, server, work: Path) -> dict:
     fs, path = open_fs(f"{root}/prep", opts)
     fs.invalidate_cache()
     out["prepared_bytes"] = int(fs.du(path))
-    from stackrec_dist.data.manifest import read_manifest
-
     # Items that occur in the log: the model's catalogue (embedding and head rows). A power-law log
     # touches more of the generator's catalogue as it grows, and the step cost follows it.
     out["num_items"] = read_manifest(fs, path).num_items
