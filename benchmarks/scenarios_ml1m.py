@@ -39,39 +39,28 @@ RESULTS = REPO / "docs" / "results.md"
 HEADLINE = REPO / "docs" / "results" / "headline.json"
 DEFAULT_RUNS = REPO / "runs" / "scenarios"
 
-# Datasets the configs read: RecBole's filtering (configs/ml1m_recbole.yaml) plus the scenario's cut.
-PREPARE = {
-    "runs/data/ml-1m-recbole": [],
-    "runs/data/ml-1m-recbole-cl": ["prepare.time_slices=3", "prepare.output=runs/data/ml-1m-recbole-cl"],
-    "runs/data/ml-1m-recbole-source": ["prepare.user_subset=source", "prepare.output=runs/data/ml-1m-recbole-source"],
-    "runs/data/ml-1m-recbole-target": ["prepare.user_subset=target", "prepare.output=runs/data/ml-1m-recbole-target"],
-}
-
-
 @dataclass
 class Scenario:
     name: str
     title: str
     stacked: str  # config of the stacked plan
     baseline: str  # config of the from-scratch baseline of the same final depth
-    data: list[str]
     seeded: bool = False  # repeated for every --seeds value (TS); else seed 0 only
     baseline_run: str = ""  # reuse another scenario's baseline run (same data, same config)
 
 
 SCENARIOS = [
     Scenario("ts", "TS: NextItNet 4 -> 8 -> 16 vs NextItNet-16 from scratch", "configs/ml1m_ts.yaml",
-             "configs/ml1m_ts_scratch.yaml", ["runs/data/ml-1m-recbole"], seeded=True),
+             "configs/ml1m_ts_scratch.yaml", seeded=True),
     # The CL dataset's train/valid/test shards are byte-identical to ml-1m-recbole's (it only adds the
     # time slices), so its baseline is the TS baseline's seed-0 run.
     Scenario("cl", "CL: NextItNet 4 (D1) -> 8 (D1+D2) -> 16 (all) vs NextItNet-16 from scratch on all",
-             "configs/ml1m_cl.yaml", "configs/ml1m_ts_scratch.yaml", ["runs/data/ml-1m-recbole-cl"],
-             baseline_run="ts-scratch-s0"),
+             "configs/ml1m_cl.yaml", "configs/ml1m_ts_scratch.yaml", baseline_run="ts-scratch-s0"),
     Scenario("tf", "TF: NextItNet 4 -> 8 -> 16 on the source users, new head, fine-tuned on the target "
              "users vs NextItNet-16 from scratch on the target", "configs/ml1m_tf.yaml",
-             "configs/ml1m_tf_scratch.yaml", ["runs/data/ml-1m-recbole-source", "runs/data/ml-1m-recbole-target"]),
+             "configs/ml1m_tf_scratch.yaml"),
     Scenario("ts-sasrec", "TS: SASRec 1 -> 2 vs SASRec-2 from scratch", "configs/ml1m_ts_sasrec.yaml",
-             "configs/ml1m_ts_sasrec_scratch.yaml", ["runs/data/ml-1m-recbole"], seeded=True),
+             "configs/ml1m_ts_sasrec_scratch.yaml", seeded=True),
 ]
 
 
@@ -86,14 +75,14 @@ def _wait_quiet(max_load: float, timeout_s: float = 600.0) -> None:
         time.sleep(30)
 
 
-def _prepare(paths: list[str]) -> None:
-    for path in paths:
-        if (REPO / path / "manifest.json").exists():
-            continue
-        cmd = [sys.executable, "-m", "stackrec_dist.cli", "prepare", "--config", "configs/ml1m_recbole.yaml"]
-        for kv in PREPARE[path]:
-            cmd += ["--set", kv]
-        subprocess.run(cmd, cwd=REPO, check=True)
+def _prepare(configs: list[str]) -> None:
+    """Each config's own ``prepare:`` section (RecBole's filtering plus the scenario's cut), once."""
+    from stackrec_dist.config import load_config
+
+    for config in configs:
+        output = load_config(REPO / config).prepare.output
+        if not (REPO / output / "manifest.json").exists():
+            subprocess.run([sys.executable, "-m", "stackrec_dist.cli", "prepare", "--config", config], cwd=REPO, check=True)
 
 
 def _run(runs: Path, run: str, config: str, seed: int, max_load: float, overrides: list[str]) -> None:
@@ -199,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     wanted = [s for s in SCENARIOS if s.name in args.only.split(",")]
     if not args.from_runs:
         for scenario in wanted:
-            _prepare(scenario.data)
+            _prepare([scenario.stacked, scenario.baseline])
             for seed, base, stacked in _pairs(scenario, seeds):
                 # Alternate the order by seed so that a slow drift of the machine does not favour one side.
                 order = [(base, scenario.baseline), (stacked, scenario.stacked)]
