@@ -29,6 +29,9 @@ users come out in a random-looking, seed-independent order, which spreads them a
 grows with the number of distinct ids lives in the spill directory (except the k-core's item
 counts, below). Resident memory measured flat from 60k to 240k distinct users (and 180k to 720k
 items) at a 16 MB bound (tests/data/test_prepare.py::test_memory_bound_with_many_distinct_ids).
+The bound is on what is held; freed memory is handed back to the OS after every bucket, group
+and id-sort partition (:mod:`.memory`), and Arrow allocates from the system pool meanwhile, or
+each phase's high-water mark stays resident under the next (docs/scaling.md).
 
 Time slices (CL, ``time_slices = T > 0``): with N the number of interactions of kept users, the
 boundary b_k (k = 1..T-1) is the ceil(k*N/T)-th smallest of their timestamps (exact, found by
@@ -91,6 +94,7 @@ from .errors import CorruptFileError, DataError
 from .manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, write_manifest
 from .storage import display_path, open_fs, storage_errors
 from .raw import BadRows, RawBatch, RawColumns, bad_rows_table, QUARANTINE_SCHEMA, estimate_rows, iter_raw, list_raw_files, raw_input_bytes
+from .memory import release_freed_memory
 from .vocab import SortedIds
 from .writer import SplitWriter, sequence_table, write_item_counts
 
@@ -204,11 +208,19 @@ def prepare_dataset(
         out_fs, root = open_fs(cfg.output, storage_options)
         _clear_output(out_fs, root)
         own_spill = tempfile.mkdtemp(prefix="stackrec-prepare-", dir=spill_dir)
+        # Arrow's default mimalloc pool keeps segments freed by its worker threads past
+        # release_unused; the C heap hands them back on malloc_trim (.memory), so this job's
+        # resident memory follows what it holds (measured 10M interactions, 128 MB bound: 359 MB
+        # peak RSS with mimalloc, 338 MB with the system pool). Restored after: buffers remember
+        # their pool, so those made here are freed to it whenever they die.
+        previous_pool = pa.default_memory_pool()
+        pa.set_memory_pool(pa.system_memory_pool())
         try:
             state = _pass1(uri, storage_options, columns, quarantine, num_buckets, own_spill, out_fs, root, budget_rows,
                            cfg.min_rating)
             report = _finish(cfg, state, out_fs, root, budget_rows, own_spill)
         finally:
+            pa.set_memory_pool(previous_pool)
             shutil.rmtree(own_spill, ignore_errors=True)
     report.input_bytes = input_bytes
     report.wall_s = round(time.perf_counter() - t0, 3)
@@ -476,7 +488,7 @@ def _core_filter(cfg: PrepareConfig, s: _Pass1, alive_paths: list[str]) -> _Core
             np.save(alive_paths[b], survive)
             counts.add(table.column("i").filter(pa.array(row_ok)))
             del table, bu
-            pa.default_memory_pool().release_unused()
+            release_freed_memory()
         item_counts = counts.table()
         keep = pc.greater_equal(item_counts.column("n"), core.item_min)
         items_removed = item_counts.num_rows - int(pc.sum(keep).as_py() or 0)
@@ -535,7 +547,12 @@ ID_MAP_ROW_GROUP = 1 << 16
 
 class _IdMapWriter:
     """``id_maps/<name>.parquet`` written as names arrive in dense-id order, in row groups of
-    exactly ``ID_MAP_ROW_GROUP`` rows (so the bytes do not depend on how the names were batched)."""
+    exactly ``ID_MAP_ROW_GROUP`` rows (so the bytes do not depend on how the names were batched).
+
+    The names not yet written are held as Arrow strings, not the caller's Python ``str``s: those
+    are the tail of an id-sort partition, scattered over the interpreter's object arenas, and up to
+    ``ID_MAP_ROW_GROUP`` of them kept alive pin nearly every arena of the partition, so the whole
+    partition's objects (hundreds of MB at a 1 GB bound) would stay resident under pass 2."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str, name: str, id_type: pa.DataType) -> None:
         self.rel = f"id_maps/{name}.parquet"
@@ -543,27 +560,28 @@ class _IdMapWriter:
         self.schema = pa.schema([("original_id", pa.string()), ("dense_id", id_type)])
         self._file = fs.open(posixpath.join(root, self.rel), "wb")
         self._writer = pq.ParquetWriter(self._file, self.schema, compression="zstd")
-        self._names: list[str] = []
+        self._names = pa.array([], pa.string())
         self._first = 0
 
     def add(self, names: list[str], first_id: int) -> None:
-        if not self._names:
+        if not len(self._names):
             self._first = first_id
-        self._names.extend(names)
+        self._names = pa.concat_arrays([self._names, pa.array(names, pa.string())])
         while len(self._names) >= ID_MAP_ROW_GROUP:
-            self._emit(self._names[:ID_MAP_ROW_GROUP])
-            self._names = self._names[ID_MAP_ROW_GROUP:]
+            self._emit(self._names.slice(0, ID_MAP_ROW_GROUP))
+            # A copy, so the rest does not keep the whole concatenated buffer alive.
+            self._names = pa.concat_arrays([pa.array([], pa.string()), self._names.slice(ID_MAP_ROW_GROUP)])
 
-    def _emit(self, names: list[str]) -> None:
+    def _emit(self, names: pa.Array) -> None:
         ids = np.arange(self._first, self._first + len(names))
-        self._writer.write_table(pa.table([pa.array(names, pa.string()), pa.array(ids, self.schema.field(1).type)],
+        self._writer.write_table(pa.table([names, pa.array(ids, self.schema.field(1).type)],
                                           schema=self.schema), row_group_size=ID_MAP_ROW_GROUP)
         self._first += len(names)
 
     def close(self) -> str:
-        if self._names:
+        if len(self._names):
             self._emit(self._names)
-            self._names = []
+            self._names = pa.array([], pa.string())
         self._writer.close()
         self._file.close()
         return self.rel
@@ -595,10 +613,12 @@ def _finish(
     items = SortedIds(os.path.join(spill, "items"), names_per_partition)
     paths = {name: [os.path.join(spill, f"{name}-{b:05d}.npy") for b in range(len(s.bucket_paths))]
              for name in ("alive", "kept", "rows", "ts")}
+    release_freed_memory()  # pass 1's read buffers
     core = _core_filter(cfg, s, paths["alive"])
     census = _census(cfg, s, core, users, items, paths)
     _check_census(cfg, s, census)
     num_users, num_items, id_maps = _assign_ids(fs, root, users, items)
+    release_freed_memory()  # the id sort's objects, before pass 2 allocates its arrays
     filters = _filters_record(cfg, s, core, census, num_items)
     boundaries = _slice_boundaries(cfg, census, paths["ts"])
     split_names = ["train", "valid", "test"] + [f"slice-{k}" for k in range(1, cfg.time_slices + 1)]
@@ -687,7 +707,7 @@ def _census(cfg: PrepareConfig, s: _Pass1, core: _Core | None, users: SortedIds,
                 c.tmin = int(t.min()) if c.tmin is None else min(c.tmin, int(t.min()))
                 c.tmax = int(t.max()) if c.tmax is None else max(c.tmax, int(t.max()))
         del table, bu
-        pa.default_memory_pool().release_unused()
+        release_freed_memory()
     return c
 
 
@@ -782,9 +802,8 @@ def _write_rows(cfg: PrepareConfig, s: _Pass1, writers: dict[str, SplitWriter], 
         del perm
         _emit_group(cfg, writers, u, i, t, h, held, bounds)
         del u, i, t, h, held
-        # mimalloc (Arrow's default pool) keeps freed segments per thread; hand them back so
-        # resident memory tracks the budget rather than the high-water mark of every thread.
-        pa.default_memory_pool().release_unused()
+        # Or the allocators keep this group's peak resident under the next (see .memory).
+        release_freed_memory()
 
 
 def _filters_record(cfg: PrepareConfig, s: _Pass1, core: _Core | None, c: _Census, num_items: int) -> dict[str, Any]:

@@ -84,7 +84,14 @@ class RecommenderLoss(nn.Module):
         ``data_cfg``'s manifest when it is the unigram one (``data_cfg=None``: no dataset)."""
         from stackrec_dist.train.data_info import proposal_item_counts
 
-        return cls(model, loss_cfg, item_counts=proposal_item_counts(data_cfg, loss_cfg))
+        counts = proposal_item_counts(data_cfg, loss_cfg)
+        head = model.head.weight
+        num_items = head.ds_shape[0] if hasattr(head, "ds_shape") else head.shape[0]
+        if counts is not None and len(counts) < num_items:
+            # A model catalogue larger than the dataset's (model.num_items set explicitly, e.g. one
+            # catalogue for several data sizes): the ids past the dataset's never occur, count 0.
+            counts = torch.cat([counts, counts.new_zeros(num_items - len(counts))])
+        return cls(model, loss_cfg, item_counts=counts)
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         hidden = self.model(inputs)

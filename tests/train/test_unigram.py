@@ -33,6 +33,18 @@ def test_proposal_is_frequency_to_the_075(tiny_dataset):
     assert (empirical - q).abs().max() < 0.01
 
 
+def test_model_catalogue_larger_than_the_data(tiny_dataset):
+    """benchmarks/scale.py: one model catalogue for every data size; the extra ids count 0."""
+    cfg = config_from_dict({"data": {"path": str(tiny_dataset)}, "loss": UNIGRAM})
+    have = dataset_num_items(cfg.data)
+    model = build_model(ModelConfig(num_items=have + 7, dim=8, num_blocks=1))
+    q = RecommenderLoss.for_data(model, cfg.loss, cfg.data).log_q.exp()
+    assert q.shape == (have + 7,)
+    # Never seen: all the same, and no more than any real item's (count >= 0).
+    torch.testing.assert_close(q[have:], torch.full((7,), q[have].item()))
+    assert q[have] > 0 and q[have] <= q[1:have].min()
+
+
 def test_unigram_without_counts_fails_at_construction():
     model = build_model(ModelConfig(num_items=11, dim=8, num_blocks=1))
     with pytest.raises(ValueError, match="item_counts"):
