@@ -427,6 +427,11 @@ class StageConfig:
         "A train stage ends after this many validations without NDCG@5 gain, or at its step/epoch cap, "
         "whichever comes first (-1 = train.patience; 0 = fixed budget).", default=-1)
     eval_every: int = _doc("Validate a train stage every N steps (0 = train.eval_every).", default=0)
+    lr: float = _doc(
+        "Peak learning rate of a train stage (0 = optim.lr). Every train stage restarts warm-up and "
+        "decay; a grown model usually wants a lower peak than training from scratch, or the jump "
+        "back to the full rate undoes what the shallow stage learnt (docs/results.md).", default=0.0)
+    warmup_steps: int = _doc("Warm-up steps of a train stage (-1 = optim.warmup_steps).", default=-1)
 
 
 @dataclass
@@ -457,6 +462,10 @@ class JobConfig:
         )
         names = [s.name for s in self.plan]
         _check(len(names) == len(set(names)), "plan", "stage names must be unique", names)
+        for i, stage in enumerate(self.plan):
+            _check(stage.lr >= 0, f"plan[{i}].lr", "must be >= 0 (0 = optim.lr)", stage.lr)
+            _check(stage.warmup_steps >= -1, f"plan[{i}].warmup_steps", "must be >= 0 (-1 = optim.warmup_steps)",
+                   stage.warmup_steps)
 
 
 # ---------------------------------------------------------------------------------------------

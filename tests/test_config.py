@@ -42,6 +42,8 @@ def test_yaml_file_and_roundtrip(tmp_path):
         ("model.block_dilations=[1, 2]", "model.block_dilations must be empty or 4"),
         ("train.progress=3", "train.progress must be true or false"),
         ("novel=1", "unknown field novel"),
+        ("plan=[{name: a, action: train, lr: -1.0}]", r"plan\[0\].lr must be >= 0"),
+        ("plan=[{name: a, action: train, warmup_steps: -2}]", r"plan\[0\].warmup_steps must be >= 0"),
     ],
 )
 def test_errors_name_the_field(override, message):
@@ -86,3 +88,15 @@ def test_config_dump_shows_doc_lines_and_loads_back(path):
     text = dump_config(cfg)
     assert "  lr: " in text and "# Peak learning rate (AdamW)." in text
     assert config_from_dict(yaml.safe_load(text)) == cfg
+
+
+def test_a_stage_sets_its_own_learning_rate_and_warmup(tmp_path):
+    from stackrec_dist.growth.segment import stage_job_config
+
+    cfg = load_config(None, ["optim.lr=2e-3", "optim.warmup_steps=200",
+                             "plan=[{name: a, action: train}, {name: b, action: grow}, "
+                             "{name: c, action: train, lr: 5.0e-4, warmup_steps: 0}]"])
+    first = stage_job_config(cfg, cfg.plan[0], cfg.model, tmp_path / "a")
+    grown = stage_job_config(cfg, cfg.plan[2], cfg.model, tmp_path / "c")
+    assert (first.optim.lr, first.optim.warmup_steps) == (2e-3, 200)
+    assert (grown.optim.lr, grown.optim.warmup_steps) == (5e-4, 0)

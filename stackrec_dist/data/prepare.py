@@ -659,7 +659,8 @@ def _finish(
         partitions=len(groups),
         wall_s=0.0,
         peak_rss_mb=0.0,
-        extra={"manifest": manifest, "id_sort_partitions": {"users": users.partitions, "items": items.partitions}},
+        extra={"manifest": manifest, "id_sort_partitions": {"users": users.partitions, "items": items.partitions},
+               "id_sort_largest_partition": {"users": users.largest_partition, "items": items.largest_partition}},
         filters=filters,
     )
 

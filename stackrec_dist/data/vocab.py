@@ -63,6 +63,7 @@ class SortedIds:
         self.total = 0
         self.distinct = 0
         self.partitions = 0
+        self.largest_partition = 0  # names (with repeats) in the largest partition: what memory holds
 
     def _src(self, j: int) -> str:
         return os.path.join(self.dir, f"src-{j:05d}.arrows")
@@ -91,11 +92,19 @@ class SortedIds:
         P = max(1, math.ceil(self.total / self.names_per_partition))
         splitters: list = []
         if P > 1:
+            # A systematic sample over all names as one sequence (positions first, first + stride,
+            # ...). Sampling each source from its index 0 instead would take every source's first
+            # name, its smallest when a source comes sorted, and with sources smaller than the
+            # stride the splitters would all sit at the low end: one partition would hold nearly
+            # every name and the sort's memory would follow the data, not the bound.
             stride = max(1, self.total // (P * _SAMPLES_PER_PARTITION))
-            sample = []
-            for j in range(len(self.sizes)):
-                names = self._names(j)
-                sample += [key(s) if key else s for s in names[::stride]]
+            first, start, sample = stride // 2, 0, []
+            for j, n in enumerate(self.sizes):
+                lo = first + max(0, -(-(start - first) // stride)) * stride  # first position >= start
+                if lo < start + n:
+                    names = self._names(j)
+                    sample += [key(s) if key else s for s in names[lo - start::stride]]
+                start += n
             sample.sort()
             splitters = [sample[len(sample) * p // P] for p in range(1, P)]
             del sample
@@ -136,6 +145,7 @@ class SortedIds:
                 os.remove(path)
                 if table.num_rows == 0:
                     continue
+                self.largest_partition = max(self.largest_partition, table.num_rows)
                 names = table.column("name").to_pylist()
                 distinct = sorted(set(names), key=key)
                 rank = {s: next_id + k for k, s in enumerate(distinct)}

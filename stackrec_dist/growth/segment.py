@@ -55,7 +55,7 @@ def plan_segments(cfg: JobConfig) -> list[list[int]]:
 
 
 def stage_job_config(cfg: JobConfig, stage: StageConfig, model_cfg: ModelConfig, stage_dir: Path) -> JobConfig:
-    """The job config of one train stage: its data, budget, model and checkpoint directory."""
+    """The job config of one train stage: its data, budget, learning rate, model and checkpoint directory."""
     data = dataclasses.replace(cfg.data, path=stage.data_path or cfg.data.path,
                                train_split=stage.train_split or cfg.data.train_split)
     train = dataclasses.replace(
@@ -66,10 +66,15 @@ def stage_job_config(cfg: JobConfig, stage: StageConfig, model_cfg: ModelConfig,
         patience=cfg.train.patience if stage.patience < 0 else stage.patience,
         eval_every=stage.eval_every or cfg.train.eval_every,
     )
+    optim = dataclasses.replace(
+        cfg.optim,
+        lr=stage.lr or cfg.optim.lr,
+        warmup_steps=cfg.optim.warmup_steps if stage.warmup_steps < 0 else stage.warmup_steps,
+    )
     workers, zero = stage_workers(cfg, stage)
     distributed = dataclasses.replace(cfg.distributed, num_workers=workers, zero_stage=zero)
     return dataclasses.replace(cfg, name=f"{cfg.name}-{stage.name}", data=data, train=train, model=model_cfg,
-                               distributed=distributed, plan=[])
+                               optim=optim, distributed=distributed, plan=[])
 
 
 def initial_model_config(cfg: JobConfig, stage: StageConfig) -> ModelConfig:
