@@ -12,8 +12,8 @@ before and after every run and written beside its figures; a run that starts on 
     python benchmarks/scenarios_ml1m.py --only ts --seeds 0,1  # one scenario
     python benchmarks/scenarios_ml1m.py --from-runs            # tables from finished runs only
 
-Writes docs/results.md (section ``scenarios``), docs/results/<scenario>_ml1m.{md,png} and the
-speedup fields of docs/results/headline.json.
+Writes docs/results.md (section ``scenarios``), the curves docs/results/<scenario>_ml1m_s<seed>.png
+and the speedup fields of docs/results/headline.json.
 """
 
 from __future__ import annotations

@@ -52,6 +52,12 @@ def remove_step_probe() -> None:
         _probe_handle = None
 
 
+def _head_items(model: nn.Module) -> int:
+    """Rows of the output head: its full size even when ZeRO-3 holds only a partition of it."""
+    weight = model.head.weight
+    return weight.ds_shape[0] if hasattr(weight, "ds_shape") else weight.shape[0]
+
+
 class RecommenderLoss(nn.Module):
     """forward(inputs (B, L), targets (B, L), 0 = no target) -> mean loss over real targets.
 
@@ -71,8 +77,7 @@ class RecommenderLoss(nn.Module):
             if item_counts is None:
                 raise ValueError("loss.sampler=unigram needs item_counts (train.data_info.item_counts(data_cfg)); "
                                  "RecommenderLoss.for_data(model, loss_cfg, data_cfg) reads them")
-            num_items = model.head.weight.shape[0] if not hasattr(model.head.weight, "ds_shape") \
-                else model.head.weight.ds_shape[0]
+            num_items = _head_items(model)
             if item_counts.shape != (num_items,):
                 raise ValueError(f"item_counts has shape {tuple(item_counts.shape)}, the head has {num_items} items")
             log_q = unigram_log_q(item_counts)
@@ -85,8 +90,7 @@ class RecommenderLoss(nn.Module):
         from stackrec_dist.train.data_info import proposal_item_counts
 
         counts = proposal_item_counts(data_cfg, loss_cfg)
-        head = model.head.weight
-        num_items = head.ds_shape[0] if hasattr(head, "ds_shape") else head.shape[0]
+        num_items = _head_items(model)
         if counts is not None and len(counts) < num_items:
             # A model catalogue larger than the dataset's (model.num_items set explicitly, e.g. one
             # catalogue for several data sizes): the ids past the dataset's never occur, count 0.
