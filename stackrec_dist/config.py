@@ -130,6 +130,12 @@ class OptimConfig:
     decay: Literal["cosine", "linear", "constant"] = _doc("Shape after warm-up.", default="cosine")
     min_lr_ratio: float = _doc("Floor of the decay as a fraction of lr.", default=0.1)
     grad_clip: float = _doc("Max global grad norm; 0 disables clipping.", default=1.0)
+    schedule: Literal["stage", "plan"] = _doc(
+        "Scope of warm-up and decay in a growth plan. stage: every train stage restarts them over its "
+        "own budget (at its plan lr / warmup_steps). plan: one curve over the sum of the plan's train "
+        "budgets (warm-up optim.warmup_steps); each train stage runs its slot of it, a grown stage "
+        "continuing at the rate the curve has reached, ramped over its own plan warmup_steps (default 0) "
+        "because its AdamW moments start fresh. Same thing without a plan.", default="stage")
 
     def validate(self, prefix: str = "optim") -> None:
         _check(self.lr > 0, f"{prefix}.lr", "must be > 0", self.lr)
@@ -143,6 +149,7 @@ class OptimConfig:
         _check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0", self.warmup_steps)
         _check(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", "must be in [0, 1]", self.min_lr_ratio)
         _check(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0", self.grad_clip)
+        _check(self.schedule in ("stage", "plan"), f"{prefix}.schedule", "must be stage or plan", self.schedule)
 
 
 @dataclass
@@ -428,10 +435,13 @@ class StageConfig:
         "whichever comes first (-1 = train.patience; 0 = fixed budget).", default=-1)
     eval_every: int = _doc("Validate a train stage every N steps (0 = train.eval_every).", default=0)
     lr: float = _doc(
-        "Peak learning rate of a train stage (0 = optim.lr). Every train stage restarts warm-up and "
-        "decay; a grown model usually wants a lower peak than training from scratch, or the jump "
-        "back to the full rate undoes what the shallow stage learnt (docs/results.md).", default=0.0)
-    warmup_steps: int = _doc("Warm-up steps of a train stage (-1 = optim.warmup_steps).", default=-1)
+        "Peak learning rate of a train stage (0 = optim.lr). With optim.schedule=stage every train stage "
+        "restarts warm-up and decay, and a grown model usually wants a lower peak than training from "
+        "scratch, or the jump back to the full rate undoes what the shallow stage learnt (docs/results.md).",
+        default=0.0)
+    warmup_steps: int = _doc(
+        "Warm-up steps of a train stage (-1 = optim.warmup_steps). With optim.schedule=plan: the stage's "
+        "own ramp onto the plan-wide curve (-1 = none; the first stage has the curve's warm-up).", default=-1)
 
 
 @dataclass

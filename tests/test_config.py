@@ -100,3 +100,27 @@ def test_a_stage_sets_its_own_learning_rate_and_warmup(tmp_path):
     grown = stage_job_config(cfg, cfg.plan[2], cfg.model, tmp_path / "c")
     assert (first.optim.lr, first.optim.warmup_steps) == (2e-3, 200)
     assert (grown.optim.lr, grown.optim.warmup_steps) == (5e-4, 0)
+
+
+def test_a_plan_wide_schedule_gives_each_train_stage_its_slot(tmp_path):
+    from stackrec_dist.growth.segment import plan_schedule_slot, stage_job_config
+    from stackrec_dist.train.schedule import ScheduleSlot
+
+    cfg = load_config(None, ["optim.lr=2e-3", "optim.warmup_steps=200", "optim.schedule=plan", "train.epochs=3",
+                             "plan=[{name: a, action: train, epochs: 10}, {name: b, action: grow}, "
+                             "{name: c, action: train, epochs: 4, warmup_steps: 50}, {name: d, action: grow}, "
+                             "{name: e, action: train, max_steps: 300}]"])
+    per_epoch = lambda data: 150  # noqa: E731
+    assert plan_schedule_slot(cfg, 0, per_epoch) == ScheduleSlot(start=0, total=2400, ramp=0)
+    assert plan_schedule_slot(cfg, 2, per_epoch) == ScheduleSlot(start=1500, total=2400, ramp=50)
+    assert plan_schedule_slot(cfg, 4, per_epoch) == ScheduleSlot(start=2100, total=2400, ramp=0)
+    # the curve's warm-up stays the plan's; the stage's warmup_steps is its ramp, not a restart
+    grown = stage_job_config(cfg, cfg.plan[2], cfg.model, tmp_path / "c")
+    assert (grown.optim.lr, grown.optim.warmup_steps) == (2e-3, 200)
+    per_stage = load_config(None, ["plan=[{name: a, action: train}]"])
+    assert plan_schedule_slot(per_stage, 0, per_epoch) is None
+
+
+def test_an_unknown_schedule_scope_is_refused():
+    with pytest.raises(Exception, match=r"optim.schedule"):
+        load_config(None, ["optim.schedule=global"])

@@ -13,6 +13,7 @@ result, no tensors travel), builds the next engine and continues on the next sta
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import torch
 from stackrec_dist.config import JobConfig, ModelConfig, StageConfig
 from stackrec_dist.growth.grow import grow_state, new_head_state
 from stackrec_dist.growth.ledger import PlanLedger, StageRecord, maybe_crash, maybe_wipe_scratch
+from stackrec_dist.train.schedule import ScheduleSlot
 
 # -- plan arithmetic -------------------------------------------------------------------------------
 
@@ -66,15 +68,39 @@ def stage_job_config(cfg: JobConfig, stage: StageConfig, model_cfg: ModelConfig,
         patience=cfg.train.patience if stage.patience < 0 else stage.patience,
         eval_every=stage.eval_every or cfg.train.eval_every,
     )
+    # With a plan-wide schedule the warm-up belongs to the plan's curve; the stage's own ramp
+    # travels in its ScheduleSlot (plan_schedule_slot).
+    own_warmup = stage.warmup_steps >= 0 and cfg.optim.schedule == "stage"
     optim = dataclasses.replace(
         cfg.optim,
         lr=stage.lr or cfg.optim.lr,
-        warmup_steps=cfg.optim.warmup_steps if stage.warmup_steps < 0 else stage.warmup_steps,
+        warmup_steps=stage.warmup_steps if own_warmup else cfg.optim.warmup_steps,
     )
     workers, zero = stage_workers(cfg, stage)
     distributed = dataclasses.replace(cfg.distributed, num_workers=workers, zero_stage=zero)
     return dataclasses.replace(cfg, name=f"{cfg.name}-{stage.name}", data=data, train=train, model=model_cfg,
                                optim=optim, distributed=distributed, plan=[])
+
+
+def stage_budget(job: JobConfig, steps_per_epoch: Callable[[Any], int]) -> int:
+    """Optimizer steps a train stage's job may take: its step cap, else its epochs (as ``TrainLoop``)."""
+    return job.train.max_steps or max(1, math.ceil(job.train.epochs * steps_per_epoch(job.data)))
+
+
+def plan_schedule_slot(cfg: JobConfig, position: int, steps_per_epoch: Callable[[Any], int]) -> ScheduleSlot | None:
+    """The slot of the plan-wide learning-rate curve that train stage ``position`` runs
+    (``optim.schedule=plan``), None when every stage has its own curve.
+
+    Slots follow the stages' budgets, not the steps they actually took: a stage that stops early
+    on a plateau leaves the rest of its slot unused, so where each stage starts on the curve does
+    not depend on how the stages before it ended (and a resumed plan computes the same slots)."""
+    if cfg.optim.schedule != "plan" or not cfg.plan:
+        return None
+    budgets = [(i, stage_budget(stage_job_config(cfg, s, cfg.model, Path(".")), steps_per_epoch))
+               for i, s in enumerate(cfg.plan) if s.action == "train"]
+    start = sum(steps for i, steps in budgets if i < position)
+    ramp = max(0, cfg.plan[position].warmup_steps) if start > 0 else 0
+    return ScheduleSlot(start, sum(steps for _, steps in budgets), ramp)
 
 
 def initial_model_config(cfg: JobConfig, stage: StageConfig) -> ModelConfig:
@@ -86,6 +112,15 @@ def initial_model_config(cfg: JobConfig, stage: StageConfig) -> ModelConfig:
         data = dataclasses.replace(cfg.data, path=stage.data_path or cfg.data.path)
         model_cfg = dataclasses.replace(model_cfg, num_items=dataset_num_items(data))
     return model_cfg
+
+
+def _steps_per_epoch_fn(options) -> Callable[[Any], int]:
+    """Epoch length of a stage's data, as ``TrainLoop`` counts it (the manifest; no shard is read)."""
+    if options is not None and options.data_source == "synthetic":
+        return lambda data: options.synthetic_steps_per_epoch
+    from stackrec_dist.train.data_info import steps_per_epoch
+
+    return lambda data: steps_per_epoch(data, data.train_split)
 
 
 @dataclass
@@ -112,12 +147,12 @@ class StageResult:
 
 
 def train_stage(job: JobConfig, world, init_state, stage: str, run_id: str, sink, options=None, progress=None,
-                tracker=None, step_offset: int = 0) -> StageResult:
+                tracker=None, step_offset: int = 0, schedule_slot: ScheduleSlot | None = None) -> StageResult:
     """Train one stage with the one training loop."""
     from stackrec_dist.train.loop import TrainLoop
 
     loop = TrainLoop(job, world, init_state, options, sink=sink, stage=stage, run_id=run_id, progress=progress,
-                     tracker=tracker, step_offset=step_offset)
+                     tracker=tracker, step_offset=step_offset, schedule_slot=schedule_slot)
     try:
         summary = loop.fit()
         final = loop.full_model_state()
@@ -145,8 +180,10 @@ def run_segment(cfg: JobConfig, start: SegmentStart, world, run_dir: Path, run_i
         info = {"plan_position": position, "seed": seed, "parent": parent}
         if stage.action == "train":
             job = stage_job_config(cfg, stage, model_cfg, stage_dir)
+            slot = plan_schedule_slot(cfg, position, _steps_per_epoch_fn(options))
             result = stage_trainer(job, world, weights, stage.name, run_id, sink_for(job, stage.name),
-                                   options=options, progress=progress, tracker=tracker, step_offset=step_offset)
+                                   options=options, progress=progress, tracker=tracker, step_offset=step_offset,
+                                   schedule_slot=slot)
             maybe_crash("after_train", stage.name)
             weights = result.final_state
             metrics = {**result.summary, "data_path": job.data.path, "num_items": model_cfg.num_items,

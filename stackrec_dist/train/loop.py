@@ -198,7 +198,7 @@ class TrainLoop:
     def __init__(self, job: JobConfig, world: World, init_state: dict[str, torch.Tensor] | None = None,
                  options: LoopOptions | None = None, sink: CheckpointSink | None = None, stage: str = "",
                  run_id: str = "", progress: Callable[..., Any] | None = None, tracker: Any = None,
-                 step_offset: int = 0):
+                 step_offset: int = 0, schedule_slot: Any = None):
         from stackrec_dist.models import build_model
         from stackrec_dist.train.engine import build_engine
         from stackrec_dist.train.optim import build_optimizer
@@ -243,7 +243,7 @@ class TrainLoop:
 
             self.steps_per_epoch = steps_per_epoch(job.data, job.data.train_split)
         self.total_steps = job.train.max_steps or max(1, math.ceil(job.train.epochs * self.steps_per_epoch))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(job.optim, self.total_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(job.optim, self.total_steps, schedule_slot))
         self.engine = build_engine(objective, optimizer, scheduler, job, world.ctx, world.choice)
         if not math.isfinite(self.engine.lr()):
             raise TrainingError(f"optim.lr gives a non-finite learning rate ({self.engine.lr()})")

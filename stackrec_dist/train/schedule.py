@@ -1,15 +1,30 @@
-"""Learning-rate schedule: linear warm-up, then cosine or linear decay to a floor."""
+"""Learning-rate schedule: linear warm-up, then cosine or linear decay to a floor.
+
+A growth plan either restarts the schedule in every train stage (``optim.schedule=stage``) or runs
+one schedule over the whole plan (``optim.schedule=plan``): then each train stage is handed its
+``ScheduleSlot``, the steps of the plan-wide curve that fall in its budget, so a grown model
+continues at the rate the curve has reached instead of jumping back to the peak.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 from stackrec_dist.config import OptimConfig
 
 
-def lr_lambda(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
-    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (for ``torch.optim.lr_scheduler.LambdaLR``)."""
+@dataclass(frozen=True)
+class ScheduleSlot:
+    """One train stage's part of a plan-wide schedule."""
+
+    start: int  # plan-wide step of the stage's first step: the budgets of the train stages before it
+    total: int  # the plan-wide curve's length: the sum of every train stage's budget
+    ramp: int = 0  # the stage's own linear ramp (grown stages: their AdamW moments start fresh)
+
+
+def _curve(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
 
     def factor(step: int) -> float:
@@ -20,5 +35,19 @@ def lr_lambda(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.decay == "cosine" else 1.0 - progress
         return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+    return factor
+
+
+def lr_lambda(cfg: OptimConfig, total_steps: int, slot: ScheduleSlot | None = None) -> Callable[[int], float]:
+    """Multiplier of ``cfg.lr`` at the stage's optimizer step ``step`` (for ``LambdaLR``): the
+    stage's own curve over ``total_steps``, or with ``slot`` the plan-wide curve from ``slot.start``."""
+    if slot is None:
+        return _curve(cfg, total_steps)
+    plan_curve = _curve(cfg, slot.total)
+
+    def factor(step: int) -> float:
+        ramp = (step + 1) / slot.ramp if step < slot.ramp else 1.0
+        return plan_curve(slot.start + step) * ramp
 
     return factor

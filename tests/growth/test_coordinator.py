@@ -154,3 +154,17 @@ def test_wipe_hook_empties_the_scratch_at_every_stage_end(tmp_path, monkeypatch)
     assert seen == [[], [], []]
     assert scratch.is_dir() and not list(scratch.iterdir())
     assert state.done[-1].blocks == 8
+
+
+class _SlotRecorder(PerturbRunner):
+    def __call__(self, job, world, init_state, stage, run_id, sink, **kw):
+        with open(self.run_dir / "slots.log", "a") as f:
+            slot = kw.get("schedule_slot")
+            f.write(f"{stage} {slot.start if slot else '-'} {slot.total if slot else '-'}\n")
+        return super().__call__(job, world, init_state, stage, run_id, sink, **kw)
+
+
+def test_a_plan_wide_schedule_hands_each_train_stage_its_slot(tmp_path):
+    Coordinator(job({"optim": {"schedule": "plan"}, "train": {"device": "cpu", "max_steps": 10}}), tmp_path,
+                stage_trainer=_SlotRecorder(tmp_path)).run()
+    assert (tmp_path / "slots.log").read_text().split("\n")[:3] == ["train-2 0 30", "train-4 10 30", "train-8 20 30"]

@@ -145,3 +145,13 @@ def test_a_checkpoint_of_another_catalogue_is_refused(tiny_dataset, tmp_path):
     other.model.num_items = 99
     with pytest.raises(CheckpointError, match="catalogue of 61 items but dataset .* has 99"):
         _loop(other).load(open_checkpoint(tmp_path / "ck" / "last"))
+
+
+def test_a_schedule_slot_sets_the_rate_from_the_plan_wide_curve(tiny_dataset, tmp_path):
+    from stackrec_dist.train.schedule import ScheduleSlot, lr_lambda
+
+    cfg = _cfg(tiny_dataset, tmp_path, max_steps=10, eval_every=10)
+    loop = _loop(cfg, schedule_slot=ScheduleSlot(start=30, total=60))
+    assert loop.engine.lr() == pytest.approx(3e-3 * lr_lambda(cfg.optim, 60)(30))
+    loop.fit()
+    assert loop.engine.lr() == pytest.approx(3e-3 * lr_lambda(cfg.optim, 60)(40))
