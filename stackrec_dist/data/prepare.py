@@ -101,10 +101,22 @@ from .writer import SplitWriter, sequence_table, write_item_counts
 # Peak bytes per interaction held in pass 2 (loaded columns, sort keys and permutation, the split
 # copies and their Arrow conversion); measured ~110 on synthetic logs, rounded up.
 BYTES_PER_ROW = 160
-# Bytes per original id while the id vocabularies are sorted (a Python string, its sort key, a
-# dict entry): sets how many ids one external-sort partition holds.
+# Bytes per original id while the id vocabularies are sorted: sets how many ids one external-sort
+# partition holds. Sized for Python strings, sort keys and dict entries; the sort is now Arrow and
+# numpy compute (the string bytes, offsets and a few int64 arrays per name), which holds less, so
+# this is a safe upper bound (measured: ~200 B of RSS per name of a partition).
 NAME_BYTES = 400
 MAX_BUCKETS = 1024
+
+
+def write_block_bytes(memory_limit_mb: int) -> int:
+    """Buffer of each output file open for writing. An S3 file (s3fs) holds what is written until
+    it has a block (50 MiB by default) to upload as one part; one shard per split is open at a
+    time and a shard grows with the data (data / num_shards), so with the default the writers held
+    up to 3 x 50 MiB more as the data grew, whatever the bound. 1/16 of the bound, within S3's
+    part sizes (>= 5 MiB; <= fsspec's default here, 10,000 parts of 5 MiB allow 50 GB files).
+    The bytes written do not depend on it."""
+    return min(50 << 20, max(5 << 20, (memory_limit_mb << 20) // 16))
 # Original ids travel as strings through the spill (no vocabulary is held in memory), with the
 # user's 64-bit hash computed once per batch.
 _SPILL_SCHEMA = pa.schema([("u", pa.string()), ("i", pa.string()), ("t", pa.int64()), ("h", pa.uint64())])
@@ -549,24 +561,27 @@ class _IdMapWriter:
     """``id_maps/<name>.parquet`` written as names arrive in dense-id order, in row groups of
     exactly ``ID_MAP_ROW_GROUP`` rows (so the bytes do not depend on how the names were batched).
 
-    The names not yet written are held as Arrow strings, not the caller's Python ``str``s: those
-    are the tail of an id-sort partition, scattered over the interpreter's object arenas, and up to
-    ``ID_MAP_ROW_GROUP`` of them kept alive pin nearly every arena of the partition, so the whole
-    partition's objects (hundreds of MB at a 1 GB bound) would stay resident under pass 2."""
+    The names arrive (from ``SortedIds``) and wait as Arrow strings, not Python ``str``s: Python
+    objects for a partition's names, scattered over the interpreter's object arenas, would pin
+    nearly every arena of the partition while up to ``ID_MAP_ROW_GROUP`` of them are kept alive,
+    so the whole partition's objects (hundreds of MB at a 1 GB bound) would stay resident under
+    pass 2. A list of ``str`` is still accepted."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, name: str, id_type: pa.DataType) -> None:
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, name: str, id_type: pa.DataType,
+                 block_size: int | None = None) -> None:
         self.rel = f"id_maps/{name}.parquet"
         fs.makedirs(posixpath.join(root, "id_maps"), exist_ok=True)
         self.schema = pa.schema([("original_id", pa.string()), ("dense_id", id_type)])
-        self._file = fs.open(posixpath.join(root, self.rel), "wb")
+        self._file = fs.open(posixpath.join(root, self.rel), "wb", block_size=block_size)
         self._writer = pq.ParquetWriter(self._file, self.schema, compression="zstd")
         self._names = pa.array([], pa.string())
         self._first = 0
 
-    def add(self, names: list[str], first_id: int) -> None:
+    def add(self, names: pa.Array | list[str], first_id: int) -> None:
         if not len(self._names):
             self._first = first_id
-        self._names = pa.concat_arrays([self._names, pa.array(names, pa.string())])
+        names = names.cast(pa.string()) if isinstance(names, pa.Array) else pa.array(names, pa.string())
+        self._names = pa.concat_arrays([self._names, names])
         while len(self._names) >= ID_MAP_ROW_GROUP:
             self._emit(self._names.slice(0, ID_MAP_ROW_GROUP))
             # A copy, so the rest does not keep the whole concatenated buffer alive.
@@ -617,13 +632,15 @@ def _finish(
     core = _core_filter(cfg, s, paths["alive"])
     census = _census(cfg, s, core, users, items, paths)
     _check_census(cfg, s, census)
-    num_users, num_items, id_maps = _assign_ids(fs, root, users, items)
+    block = write_block_bytes(cfg.memory_limit_mb)
+    num_users, num_items, id_maps = _assign_ids(fs, root, users, items, block)
     release_freed_memory()  # the id sort's objects, before pass 2 allocates its arrays
     filters = _filters_record(cfg, s, core, census, num_items)
     boundaries = _slice_boundaries(cfg, census, paths["ts"])
     split_names = ["train", "valid", "test"] + [f"slice-{k}" for k in range(1, cfg.time_slices + 1)]
     writers = {n: SplitWriter(fs, root, n, cfg.num_shards, cfg.row_group_size,
-                              num_items=num_items if n == "train" else None) for n in split_names}
+                              num_items=num_items if n == "train" else None, block_size=block)
+               for n in split_names}
     groups = _bucket_groups(s.bucket_rows.tolist(), budget_rows)
     _write_rows(cfg, s, writers, groups, paths, users, items, boundaries)
     split_infos = {n: w.close() for n, w in writers.items()}
@@ -740,14 +757,17 @@ def _check_census(cfg: PrepareConfig, s: _Pass1, c: _Census) -> None:
 
 
 def _assign_ids(fs: fsspec.AbstractFileSystem, root: str, users: SortedIds,
-                items: SortedIds) -> tuple[int, int, dict[str, Any]]:
+                items: SortedIds, block_size: int | None = None) -> tuple[int, int, dict[str, Any]]:
     """Dense ids: global ranks in sorted original-id order, by external sort; the id maps are
-    written as the sorted names come out. Returns (num_users, num_items incl. pad, id_maps)."""
-    user_map = _IdMapWriter(fs, root, "users", pa.int64())
+    written as the sorted names come out. Returns (num_users, num_items incl. pad, id_maps).
+    The user map is closed before the item sort: a buffered (S3) file holds up to a block until
+    then."""
+    user_map = _IdMapWriter(fs, root, "users", pa.int64(), block_size)
     num_users = users.assign(0, user_map.add)
-    item_map = _IdMapWriter(fs, root, "items", pa.int32())
+    users_rel = user_map.close()
+    item_map = _IdMapWriter(fs, root, "items", pa.int32(), block_size)
     num_items = items.assign(1, item_map.add) + 1
-    return num_users, num_items, {"items": item_map.close(), "users": user_map.close()}
+    return num_users, num_items, {"items": item_map.close(), "users": users_rel}
 
 
 def _slice_boundaries(cfg: PrepareConfig, c: _Census, ts_paths: list[str]) -> list[int]:

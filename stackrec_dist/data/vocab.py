@@ -14,13 +14,17 @@ original ids does not fit the memory bound, so :class:`SortedIds` works like an 
 3. ``ids(j)`` returns source ``j``'s dense ids, aligned with the names it was given.
 
 The numbering is the global rank of each distinct name, so it does not depend on the number of
-partitions (i.e. on the memory bound). Per-name work is Python (as the in-memory sort it replaces
-was); memory holds one partition, one source, and the sample.
+partitions (i.e. on the memory bound). Per-name work is Arrow and numpy compute on the names as one
+Arrow string array (a sort by UTF-8 bytes, which is Python's code point order; with integer ids a
+sort by int64 value, then string): no Python object per name. Python objects per name would leave
+the interpreter's small-object arenas and glibc's heap fragmented after every partition (each
+partition's millions of ``str``s, set and dict entries), so resident memory grew with the number
+of names sorted rather than with the bound. Only ids that are integers too large for int64 take a
+Python-key sort. Memory holds one partition, one source, and the sample.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
 import os
 from typing import Callable
@@ -33,7 +37,8 @@ from .memory import release_freed_memory
 
 _INT_PATTERN = r"^-?[0-9]+$"
 _PART_SCHEMA = pa.schema([("name", pa.string()), ("src", pa.int32()), ("idx", pa.int64())])
-_RESULT_SCHEMA = pa.schema([("idx", pa.int64()), ("id", pa.int64())])
+# Integer ids of at most this many characters (sign included) fit an int64.
+_INT64_CHARS = 18
 _SAMPLES_PER_PARTITION = 64
 
 
@@ -60,6 +65,7 @@ class SortedIds:
         self.names_per_partition = max(256, names_per_partition)
         self.sizes: list[int] = []
         self.all_int = True
+        self.max_chars = 0  # longest name, in bytes: whether integer ids fit an int64
         self.total = 0
         self.distinct = 0
         self.partitions = 0
@@ -69,7 +75,8 @@ class SortedIds:
         return os.path.join(self.dir, f"src-{j:05d}.arrows")
 
     def _res(self, j: int) -> str:
-        return os.path.join(self.dir, f"ids-{j:05d}.arrows")
+        # (idx, id) int64 pairs, appended partition by partition: no file is held open.
+        return os.path.join(self.dir, f"ids-{j:05d}.bin")
 
     def add(self, names: pa.Array) -> int:
         """Spill one source; returns its index."""
@@ -77,17 +84,51 @@ class SortedIds:
         names = names.cast(pa.string())
         if self.all_int and len(names):
             self.all_int = bool(pc.all(pc.match_substring_regex(names, _INT_PATTERN)).as_py())
+        if len(names):
+            self.max_chars = max(self.max_chars, int(pc.max(pc.binary_length(names)).as_py()))
         _write(self._src(j), pa.schema([("name", pa.string())]),
                [pa.record_batch([names], names=["name"])] if len(names) else [])
         self.sizes.append(len(names))
         self.total += len(names)
         return j
 
-    def _names(self, j: int) -> list[str]:
-        return _read(self._src(j)).column("name").to_pylist()
+    def _column(self, j: int) -> pa.Array:
+        return _read(self._src(j)).column("name").combine_chunks()
 
-    def assign(self, base: int, on_sorted: Callable[[list[str], int], None] | None = None) -> int:
-        """Number the distinct names from ``base`` in sorted order; returns how many there are."""
+    def _order(self, names: pa.Array) -> np.ndarray:
+        """The permutation that sorts ``names`` in id order (``sort_key``)."""
+        if not self.all_int:
+            # Arrow compares strings by UTF-8 bytes, which is code point order, as Python does.
+            return pc.sort_indices(names).to_numpy().astype(np.int64)
+        if self.max_chars <= _INT64_CHARS:
+            t = pa.table({"v": pc.cast(names, pa.int64()), "s": names})
+            return pc.sort_indices(t, sort_keys=[("v", "ascending"), ("s", "ascending")]).to_numpy().astype(np.int64)
+        key = sort_key(True)
+        py = names.to_pylist()
+        return np.array(sorted(range(len(py)), key=lambda i: key(py[i])), dtype=np.int64)
+
+    def _cuts(self, ordered: pa.Array, splitters: list) -> list[int]:
+        """For each splitter (ascending), the first position of ``ordered`` (sorted) whose key is
+        not below it, by binary search (a handful of scalar reads per splitter): partition ``p``
+        holds the keys in ``[splitters[p - 1], splitters[p])``, i.e. ``bisect_right(splitters, key)``."""
+        key = sort_key(self.all_int)
+        out, lo = [], 0
+        for sp in splitters:
+            hi = len(ordered)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                s = ordered[mid].as_py()
+                if sp <= (key(s) if key else s):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            out.append(lo)
+        return out
+
+    def assign(self, base: int, on_sorted: Callable[[pa.Array, int], None] | None = None) -> int:
+        """Number the distinct names from ``base`` in sorted order; returns how many there are.
+        ``on_sorted(names, first_id)`` gets each partition's distinct names (an Arrow string
+        array) in order."""
         key = sort_key(self.all_int)
         P = max(1, math.ceil(self.total / self.names_per_partition))
         splitters: list = []
@@ -102,8 +143,8 @@ class SortedIds:
             for j, n in enumerate(self.sizes):
                 lo = first + max(0, -(-(start - first) // stride)) * stride  # first position >= start
                 if lo < start + n:
-                    names = self._names(j)
-                    sample += [key(s) if key else s for s in names[lo - start::stride]]
+                    picked = self._column(j).take(pa.array(np.arange(lo - start, n, stride))).to_pylist()
+                    sample += [key(s) if key else s for s in picked]
                 start += n
             sample.sort()
             splitters = [sample[len(sample) * p // P] for p in range(1, P)]
@@ -115,62 +156,59 @@ class SortedIds:
             for j, n in enumerate(self.sizes):
                 if n == 0:
                     continue
-                names = self._names(j)
-                if P == 1:
-                    parts = np.zeros(n, dtype=np.int64)
-                else:
-                    parts = np.fromiter((bisect.bisect_right(splitters, key(s) if key else s) for s in names),
-                                        dtype=np.int64, count=n)
-                order = np.argsort(parts, kind="stable")
-                sp = parts[order]
-                cuts = np.flatnonzero(np.diff(sp)) + 1
-                arr = pa.array(names, pa.string())
-                for s, e in zip(np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [n]]).tolist()):
-                    sel = order[s:e]
-                    writers[int(sp[s])].write_batch(pa.record_batch(
-                        [arr.take(pa.array(sel)), pa.array(np.full(len(sel), j, np.int32)), pa.array(sel)],
-                        schema=_PART_SCHEMA))
+                names = self._column(j)
+                order = self._order(names)
+                ordered = names.take(pa.array(order))
+                cuts = [0] + self._cuts(ordered, splitters) + [n]
+                for p in range(P):
+                    s, e = cuts[p], cuts[p + 1]
+                    if e > s:
+                        writers[p].write_batch(pa.record_batch(
+                            [ordered.slice(s, e - s), pa.array(np.full(e - s, j, np.int32)),
+                             pa.array(order[s:e])], schema=_PART_SCHEMA))
+                del names, order, ordered
         finally:
             for w in writers:
                 w.close()
             for s in sinks:
                 s.close()
 
-        res_sinks = [pa.OSFile(self._res(j), "wb") for j in range(len(self.sizes))]
-        res_writers = [pa.ipc.new_stream(s, _RESULT_SCHEMA) for s in res_sinks]
+        for j in range(len(self.sizes)):
+            open(self._res(j), "wb").close()
         next_id = base
-        try:
-            for p, path in enumerate(part_paths):
-                table = _read(path)
-                os.remove(path)
-                if table.num_rows == 0:
-                    continue
-                self.largest_partition = max(self.largest_partition, table.num_rows)
-                names = table.column("name").to_pylist()
-                distinct = sorted(set(names), key=key)
-                rank = {s: next_id + k for k, s in enumerate(distinct)}
-                ids = np.fromiter((rank[s] for s in names), dtype=np.int64, count=len(names))
-                if on_sorted is not None:
-                    on_sorted(distinct, next_id)
-                next_id += len(distinct)
-                del rank, distinct, names
-                # A partition's millions of small Python objects are freed here; without handing
-                # them back the id sort's peak stays resident under pass 2 (see .memory).
-                release_freed_memory()
-                src = table.column("src").to_numpy()
-                idx = table.column("idx").to_numpy()
-                order = np.argsort(src, kind="stable")
-                ss = src[order]
-                cuts = np.flatnonzero(np.diff(ss)) + 1
-                for s, e in zip(np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [len(ss)]]).tolist()):
-                    sel = order[s:e]
-                    res_writers[int(ss[s])].write_batch(
-                        pa.record_batch([pa.array(idx[sel]), pa.array(ids[sel])], schema=_RESULT_SCHEMA))
-        finally:
-            for w in res_writers:
-                w.close()
-            for s in res_sinks:
-                s.close()
+        for p, path in enumerate(part_paths):
+            table = _read(path)
+            os.remove(path)
+            if table.num_rows == 0:
+                continue
+            n = table.num_rows
+            self.largest_partition = max(self.largest_partition, n)
+            names = table.column("name").combine_chunks()
+            order = self._order(names)
+            ordered = names.take(pa.array(order))
+            new = np.ones(n, dtype=bool)
+            if n > 1:
+                new[1:] = pc.not_equal(ordered.slice(1), ordered.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+            rank = np.cumsum(new, dtype=np.int64) + (next_id - 1)
+            ids = np.empty(n, dtype=np.int64)
+            ids[order] = rank
+            distinct = ordered.filter(pa.array(new))
+            if on_sorted is not None:
+                on_sorted(distinct, next_id)
+            next_id += len(distinct)
+            del names, order, ordered, new, rank, distinct
+            src = table.column("src").to_numpy()
+            idx = table.column("idx").to_numpy()
+            del table
+            by_src = np.argsort(src, kind="stable")
+            ss = src[by_src]
+            cuts = np.flatnonzero(np.diff(ss)) + 1
+            for s, e in zip(np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [n]]).tolist()):
+                sel = by_src[s:e]
+                with open(self._res(int(ss[s])), "ab") as f:
+                    f.write(np.stack([idx[sel], ids[sel]], axis=1).astype(np.int64, copy=False).tobytes())
+            del src, idx, ids, by_src, ss
+            release_freed_memory()
         self.partitions = P
         self.distinct = next_id - base
         return self.distinct
@@ -178,6 +216,6 @@ class SortedIds:
     def ids(self, j: int) -> np.ndarray:
         """(len of source j,) int64: the dense id of each name source ``j`` was given."""
         out = np.full(self.sizes[j], -1, dtype=np.int64)
-        table = _read(self._res(j))
-        out[table.column("idx").to_numpy()] = table.column("id").to_numpy()
+        pairs = np.fromfile(self._res(j), dtype=np.int64).reshape(-1, 2)
+        out[pairs[:, 0]] = pairs[:, 1]
         return out

@@ -84,12 +84,14 @@ def shard_name(index: int) -> str:
 class ShardWriter:
     """One Parquet shard with exact row groups."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, relpath: str, row_group_size: int) -> None:
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, relpath: str, row_group_size: int,
+                 block_size: int | None = None) -> None:
         self.relpath = relpath
         self.row_group_size = row_group_size
         full = posixpath.join(root, relpath)
         fs.makedirs(posixpath.dirname(full), exist_ok=True)
-        self._file = _HashingFile(fs.open(full, "wb"))
+        # block_size: what a buffered (e.g. S3) file holds before it uploads a part.
+        self._file = _HashingFile(fs.open(full, "wb", block_size=block_size))
         # No dictionary pages: item ids are near-unique per page and timestamps unique, so a
         # dictionary costs time and grows files (measured: 2x slower writes, 1.6x bigger);
         # timestamps rise along a sequence, which delta encoding turns into small numbers.
@@ -153,9 +155,10 @@ class SplitWriter:
 
     def __init__(
         self, fs: fsspec.AbstractFileSystem, root: str, split: str, num_shards: int, row_group_size: int,
-        num_items: int | None = None,
+        num_items: int | None = None, block_size: int | None = None,
     ) -> None:
         self.fs, self.root, self.split = fs, root, split
+        self.block_size = block_size
         self.num_shards = num_shards
         self.row_group_size = row_group_size
         self._current: ShardWriter | None = None
@@ -173,7 +176,8 @@ class SplitWriter:
             self._index += 1
             # Every shard file exists, even an empty one, so readers can stride by index.
             self._current = ShardWriter(
-                self.fs, self.root, f"{self.split}/{shard_name(self._index)}", self.row_group_size
+                self.fs, self.root, f"{self.split}/{shard_name(self._index)}", self.row_group_size,
+                block_size=self.block_size,
             )
 
     def write(self, table: pa.Table, shard: np.ndarray) -> None:

@@ -502,3 +502,11 @@ def test_memory_bound_with_many_distinct_ids(tmp_path):
     assert list(users) == sorted(users) and list(users.values()) == list(range(60_000))
     items = read_id_map(str(tmp_path / "out-60000"), "items")
     assert [int(k) for k in items] == sorted(int(k) for k in items)
+
+
+def test_write_block_follows_the_bound_within_s3_part_sizes():
+    from stackrec_dist.data.prepare import write_block_bytes
+
+    assert write_block_bytes(16) == 5 << 20  # S3's smallest part
+    assert write_block_bytes(128) == 8 << 20
+    assert write_block_bytes(4096) == 50 << 20  # s3fs's default block, no larger
