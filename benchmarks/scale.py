@@ -135,6 +135,12 @@ def _reader(data_cfg, seconds: float) -> dict[str, float]:
     return {"reader_seq_s": seq_s, "loader_windows_s": win_s}
 
 
+def _clear_run_dirs(work: Path, n: int) -> None:
+    """Remove a size's Ray storage and checkpoints, or Ray resumes the previous run's checkpoint."""
+    for stale in (work / f"ray-{n}", work / f"ckpt-{n}"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def run_size(n: int, args: argparse.Namespace, server, work: Path, warm_up: bool = False) -> dict:
     from stackrec_dist.config import DataConfig
     from stackrec_dist.data.manifest import read_manifest
@@ -178,8 +184,7 @@ def run_size(n: int, args: argparse.Namespace, server, work: Path, warm_up: bool
 
     if warm_up and args.warm_up_steps > 0:
         # Untimed: pays the one-time start-up costs so that this size's row is measured warm too.
-        for stale in (work / f"ray-{n}", work / f"ckpt-{n}"):
-            shutil.rmtree(stale, ignore_errors=True)
+        _clear_run_dirs(work, n)
         rc, _, wall_w, _ = _child(cli + ["train", "--config", str(cfg), *overrides,
                                          "--set", f"train.max_steps={args.warm_up_steps}"],
                                   env, work / f"warm-up-{n}.log")
@@ -191,8 +196,7 @@ def run_size(n: int, args: argparse.Namespace, server, work: Path, warm_up: bool
 
     probe = work / f"steps-{n}.jsonl"
     probe.unlink(missing_ok=True)
-    for stale in (work / f"ray-{n}", work / f"ckpt-{n}"):  # or Ray resumes the previous run's checkpoint
-        shutil.rmtree(stale, ignore_errors=True)
+    _clear_run_dirs(work, n)
     rc, start, wall, _ = _child(cli + ["train", "--config", str(cfg), *overrides], {**env, "STACKREC_STEP_TIMES_FILE": str(probe)},
                                 work / f"train-{n}.log")
     if rc != 0 or not probe.exists():

@@ -149,7 +149,6 @@ class OptimConfig:
         _check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0", self.warmup_steps)
         _check(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", "must be in [0, 1]", self.min_lr_ratio)
         _check(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0", self.grad_clip)
-        _check(self.schedule in ("stage", "plan"), f"{prefix}.schedule", "must be stage or plan", self.schedule)
 
 
 @dataclass

@@ -13,7 +13,6 @@ result, no tensors travel), builds the next engine and continues on the next sta
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import torch
 from stackrec_dist.config import JobConfig, ModelConfig, StageConfig
 from stackrec_dist.growth.grow import grow_state, new_head_state
 from stackrec_dist.growth.ledger import PlanLedger, StageRecord, maybe_crash, maybe_wipe_scratch
-from stackrec_dist.train.schedule import ScheduleSlot
+from stackrec_dist.train.schedule import ScheduleSlot, step_budget
 
 # -- plan arithmetic -------------------------------------------------------------------------------
 
@@ -82,11 +81,6 @@ def stage_job_config(cfg: JobConfig, stage: StageConfig, model_cfg: ModelConfig,
                                optim=optim, distributed=distributed, plan=[])
 
 
-def stage_budget(job: JobConfig, steps_per_epoch: Callable[[Any], int]) -> int:
-    """Optimizer steps a train stage's job may take: its step cap, else its epochs (as ``TrainLoop``)."""
-    return job.train.max_steps or max(1, math.ceil(job.train.epochs * steps_per_epoch(job.data)))
-
-
 def plan_schedule_slot(cfg: JobConfig, position: int, steps_per_epoch: Callable[[Any], int]) -> ScheduleSlot | None:
     """The slot of the plan-wide learning-rate curve that train stage ``position`` runs
     (``optim.schedule=plan``), None when every stage has its own curve.
@@ -96,8 +90,8 @@ def plan_schedule_slot(cfg: JobConfig, position: int, steps_per_epoch: Callable[
     not depend on how the stages before it ended (and a resumed plan computes the same slots)."""
     if cfg.optim.schedule != "plan" or not cfg.plan:
         return None
-    budgets = [(i, stage_budget(stage_job_config(cfg, s, cfg.model, Path(".")), steps_per_epoch))
-               for i, s in enumerate(cfg.plan) if s.action == "train"]
+    jobs = [(i, stage_job_config(cfg, s, cfg.model, Path("."))) for i, s in enumerate(cfg.plan) if s.action == "train"]
+    budgets = [(i, step_budget(job.train, steps_per_epoch(job.data))) for i, job in jobs]
     start = sum(steps for i, steps in budgets if i < position)
     ramp = max(0, cfg.plan[position].warmup_steps) if start > 0 else 0
     return ScheduleSlot(start, sum(steps for _, steps in budgets), ramp)

@@ -202,7 +202,7 @@ class TrainLoop:
         from stackrec_dist.models import build_model
         from stackrec_dist.train.engine import build_engine
         from stackrec_dist.train.optim import build_optimizer
-        from stackrec_dist.train.schedule import lr_lambda
+        from stackrec_dist.train.schedule import lr_lambda, step_budget
         from stackrec_dist.train.step import RecommenderLoss
 
         self.init_start_t = time.time()  # wall-clock marks of the stage, for the growth-pause breakdown
@@ -242,7 +242,7 @@ class TrainLoop:
             from stackrec_dist.train.data_info import steps_per_epoch
 
             self.steps_per_epoch = steps_per_epoch(job.data, job.data.train_split)
-        self.total_steps = job.train.max_steps or max(1, math.ceil(job.train.epochs * self.steps_per_epoch))
+        self.total_steps = step_budget(job.train, self.steps_per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(job.optim, self.total_steps, schedule_slot))
         self.engine = build_engine(objective, optimizer, scheduler, job, world.ctx, world.choice)
         if not math.isfinite(self.engine.lr()):

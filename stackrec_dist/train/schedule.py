@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from stackrec_dist.config import OptimConfig
+from stackrec_dist.config import OptimConfig, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,11 @@ class ScheduleSlot:
     start: int  # plan-wide step of the stage's first step: the budgets of the train stages before it
     total: int  # the plan-wide curve's length: the sum of every train stage's budget
     ramp: int = 0  # the stage's own linear ramp (grown stages: their AdamW moments start fresh)
+
+
+def step_budget(train: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps a train stage may take: its step cap, else its epochs of ``steps_per_epoch``."""
+    return train.max_steps or max(1, math.ceil(train.epochs * steps_per_epoch))
 
 
 def _curve(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
