@@ -91,7 +91,7 @@ def plan_schedule_slot(cfg: JobConfig, position: int, steps_per_epoch: Callable[
     if cfg.optim.schedule != "plan" or not cfg.plan:
         return None
     jobs = [(i, stage_job_config(cfg, s, cfg.model, Path("."))) for i, s in enumerate(cfg.plan) if s.action == "train"]
-    budgets = [(i, step_budget(job.train, steps_per_epoch(job.data))) for i, job in jobs]
+    budgets = [(i, step_budget(job.train, lambda: steps_per_epoch(job.data))) for i, job in jobs]
     start = sum(steps for i, steps in budgets if i < position)
     ramp = max(0, cfg.plan[position].warmup_steps) if start > 0 else 0
     return ScheduleSlot(start, sum(steps for _, steps in budgets), ramp)

@@ -242,7 +242,7 @@ class TrainLoop:
             from stackrec_dist.train.data_info import steps_per_epoch
 
             self.steps_per_epoch = steps_per_epoch(job.data, job.data.train_split)
-        self.total_steps = step_budget(job.train, self.steps_per_epoch)
+        self.total_steps = step_budget(job.train, lambda: self.steps_per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(job.optim, self.total_steps, schedule_slot))
         self.engine = build_engine(objective, optimizer, scheduler, job, world.ctx, world.choice)
         if not math.isfinite(self.engine.lr()):

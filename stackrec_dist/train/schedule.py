@@ -24,9 +24,10 @@ class ScheduleSlot:
     ramp: int = 0  # the stage's own linear ramp (grown stages: their AdamW moments start fresh)
 
 
-def step_budget(train: TrainConfig, steps_per_epoch: int) -> int:
-    """Optimizer steps a train stage may take: its step cap, else its epochs of ``steps_per_epoch``."""
-    return train.max_steps or max(1, math.ceil(train.epochs * steps_per_epoch))
+def step_budget(train: TrainConfig, steps_per_epoch: Callable[[], int]) -> int:
+    """Optimizer steps a train stage may take: its step cap, else its epochs of ``steps_per_epoch()``
+    (called only then: it may read the dataset's manifest)."""
+    return train.max_steps or max(1, math.ceil(train.epochs * steps_per_epoch()))
 
 
 def _curve(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
